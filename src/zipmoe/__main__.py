@@ -1,0 +1,5 @@
+"""``python -m zipmoe`` runs the command-line interface."""
+
+from zipmoe.cli.app import main
+
+main()

@@ -1,0 +1,112 @@
+"""`zipmoe bench pack`: pack throughput and peak memory, in a child process, against reading the same files.
+
+The baseline is a plain sequential read of the checkpoint's safetensors files (page cache), measured in the same
+run. Peak memory is the child's maximum resident set size minus that of a child that only imports zipmoe and
+compiles its kernels, and is compared with the largest tensor of the checkpoint: pack's memory grows with the
+largest tensor, not with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zipmoe.errors import ZipmoeError
+from zipmoe.formats.checkpoint import Checkpoint
+
+_BASELINE_RSS = (
+    "import resource, numpy as np; from zipmoe.pack import pack; from zipmoe.codecs import rans, parts;"
+    "from zipmoe._threads import Workers;"
+    "parts.encode_part(parts.Bf16Split(), np.zeros(1 << 17, np.uint8), Workers(1));"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+)
+
+
+@dataclass(frozen=True)
+class PackBenchReport:
+    checkpoint: str
+    source_bytes: int
+    largest_tensor_bytes: int
+    read_seconds: float
+    pack_seconds: float
+    container_bytes: int
+    peak_rss_bytes: int
+    baseline_rss_bytes: int
+    threads: int | None
+
+    @property
+    def pack_mbps(self) -> float:
+        return self.source_bytes / self.pack_seconds / 1e6
+
+    @property
+    def read_mbps(self) -> float:
+        return self.source_bytes / self.read_seconds / 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "source_bytes": self.source_bytes,
+            "largest_tensor_bytes": self.largest_tensor_bytes,
+            "read_seconds": self.read_seconds,
+            "read_mbps": self.read_mbps,
+            "pack_seconds": self.pack_seconds,
+            "pack_mbps": self.pack_mbps,
+            "container_bytes": self.container_bytes,
+            "ratio": self.container_bytes / self.source_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "baseline_rss_bytes": self.baseline_rss_bytes,
+            "pack_memory_bytes": self.peak_rss_bytes - self.baseline_rss_bytes,
+            "threads": self.threads,
+        }
+
+
+def _read_all(checkpoint: Checkpoint) -> float:
+    buf = bytearray(8 << 20)
+    start = time.perf_counter()
+    for f in checkpoint.files:
+        with open(f.path, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def _child(args: list[str]) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ZipmoeError(f"benchmark child failed: {result.stderr.strip().splitlines()[-1] if result.stderr else result.returncode}")
+    return result.stdout
+
+
+def run_pack_bench(checkpoint: Checkpoint, source: str, *, threads: int | None = None, repeat: int = 2) -> PackBenchReport:
+    """Pack ``source`` ``repeat`` times in a child process (best time kept) and read it once as the baseline."""
+    _read_all(checkpoint)  # warm the page cache, as pack's first read would
+    read_seconds = min(_read_all(checkpoint) for _ in range(repeat))
+    baseline_rss = int(_child(["-c", _BASELINE_RSS]).strip())
+    best: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="zipmoe-bench-") as tmp:
+        out = Path(tmp) / "bench.zmoe"
+        command = ["-m", "zipmoe", "pack", source, "-o", str(out), "--force", "--json", "--quiet"]
+        if threads:
+            command += ["--threads", str(threads)]
+        for _ in range(repeat):
+            result = json.loads(_child(command))
+            if best is None or result["seconds"] < best["seconds"]:
+                best = result
+    assert best is not None
+    return PackBenchReport(
+        checkpoint=checkpoint.source.describe(),
+        source_bytes=best["source_bytes"],
+        largest_tensor_bytes=max(t.nbytes for _, t in checkpoint.tensors.values()),
+        read_seconds=read_seconds,
+        pack_seconds=best["seconds"],
+        container_bytes=best["container_bytes"],
+        peak_rss_bytes=best["peak_rss_bytes"],
+        baseline_rss_bytes=baseline_rss,
+        threads=threads,
+    )

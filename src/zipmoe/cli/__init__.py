@@ -1,0 +1,1 @@
+"""The ``zipmoe`` command line: thin commands that parse, call the library, and print."""

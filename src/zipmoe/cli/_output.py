@@ -1,0 +1,76 @@
+"""Results go to stdout (tables, or JSON with --json); progress, warnings and errors go to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+if not stdout.is_terminal:  # piped or captured: wide enough that tables keep one line per row
+    stdout.width = max(stdout.width, 120)
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, like the Hub: 1.5 MB, 3.2 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.2f}%"
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]Warning:[/yellow] {escape(message)}")
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A results table; columns after the first are right-aligned (they hold numbers)."""
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, name in enumerate(columns):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    return t
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """Yields ``(start(total_bytes), advance(n_bytes))`` callbacks that drive a rich progress bar on stderr."""
+    if quiet or not stderr.is_terminal:
+        yield (lambda total: None), (lambda n: None)
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(escape(description), total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))

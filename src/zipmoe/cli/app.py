@@ -1,0 +1,65 @@
+"""The ``zipmoe`` application: one Typer factory, every command registered here, one error funnel in `main`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from zipmoe import __version__
+from zipmoe.cli import bench, demo, inspect, pack, unpack, verify
+from zipmoe.cli._output import stderr
+from zipmoe.errors import ZipmoeError
+
+app = typer.Typer(
+    name="zipmoe",
+    help="Pack Mixture-of-Experts checkpoints into verified, memory-mappable containers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"zipmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Pack Mixture-of-Experts checkpoints into verified, memory-mappable containers."""
+
+
+for module in (pack, verify, inspect, unpack, demo):
+    app.command(module.NAME, epilog=module.EPILOG)(module.command)
+app.add_typer(bench.app, name="bench")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI: known errors become one line on stderr and exit status 1; set ZIPMOE_DEBUG=1 for tracebacks."""
+    try:
+        result = app(args=argv, prog_name="zipmoe", standalone_mode=False)
+    except (ZipmoeError, OSError) as exc:
+        if os.environ.get("ZIPMOE_DEBUG"):
+            raise
+        message = str(exc) if isinstance(exc, ZipmoeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        stderr.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        stderr.print("Interrupted.")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

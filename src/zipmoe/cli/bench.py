@@ -1,0 +1,124 @@
+"""``zipmoe bench codecs`` and ``zipmoe bench pack``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from zipmoe.bench.codecs import DEFAULT_CHUNKS, DEFAULT_CODERS, run_codec_bench
+from zipmoe.bench.pack import run_pack_bench
+from zipmoe.cli._options import JsonOpt, QuietOpt, ThreadsOpt
+from zipmoe.cli._output import human_bytes, percent, print_json, stderr, stdout, table
+from zipmoe.demo import cached_demo_checkpoint
+from zipmoe.formats.checkpoint import open_checkpoint
+
+app = typer.Typer(
+    help="Benchmarks that print ratios against baselines measured in the same run.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+)
+
+CheckpointArg = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="Checkpoint directory or Hub id (default: a built-in random-init checkpoint with Qwen1.5-MoE "
+        "expert shapes, built offline on first use).",
+        show_default=False,
+    ),
+]
+
+
+def _resolve(checkpoint: str | None) -> str:
+    return checkpoint if checkpoint is not None else str(cached_demo_checkpoint("bench"))
+
+
+@app.command("codecs")
+def codecs(
+    checkpoint: CheckpointArg = None,
+    max_mb: Annotated[int, typer.Option("--max-mb", min=1, help="Measure at most this many MB of BF16 tensors.")] = 256,
+    coders: Annotated[str, typer.Option("--coders", help="Comma-separated coder specs.")] = ",".join(DEFAULT_CODERS),
+    chunks: Annotated[
+        str, typer.Option("--chunk-values", help="Comma-separated chunk sizes (values) swept with rans.")
+    ] = ",".join(map(str, DEFAULT_CHUNKS)),
+    threads: ThreadsOpt = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per measurement; the best is kept.")] = 3,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compression ratio and encode/decode GB/s of every exponent coder vs the entropy bound, zstd and zipnn."""
+    source = _resolve(checkpoint)
+    try:
+        chunk_values = tuple(int(c) for c in chunks.split(",") if c.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {chunks!r}", param_hint="--chunk-values") from None
+    report = run_codec_bench(
+        open_checkpoint(source),
+        max_bytes=max_mb * 1_000_000,
+        coders=tuple(c.strip() for c in coders.split(",") if c.strip()),
+        chunk_values=chunk_values,
+        threads=threads,
+        repeat=repeat,
+        on_row=None if quiet else (lambda s: stderr.print(f"measuring {s}")),
+    )
+    if json_output:
+        print_json(report.to_json())
+        return
+    zipnn = report.row("zipnn")
+    has_zipnn = zipnn is not None and not zipnn.note.startswith("not installed")
+    n = report.threads[-1]
+    title = (
+        f"Exponent coders on {report.checkpoint}: {report.n_tensors} tensors, {human_bytes(report.source_bytes)} BF16, "
+        f"exponent entropy {report.exponent_entropy:.3f} bits; GB/s of BF16, best of {repeat}"
+    )
+    t = table("method", "chunk", "ratio", "vs zipnn", "enc 1T", f"enc {n}T", "dec 1T", f"dec {n}T", "dec 1T vs zipnn", title=title)
+    t.add_row("order-0 entropy bound (8+H)/16", "-", percent(report.entropy_bound), _vs(report.entropy_bound, zipnn.ratio if has_zipnn else None), *["-"] * 5)
+    for r in report.rows:
+        name = r.method + (f" ({r.note})" if r.note else "")
+        t.add_row(
+            name,
+            str(r.chunk_values or "-"),
+            percent(r.ratio) if r.stored_bytes != r.source_bytes or r.method != "zipnn" else "-",
+            _vs(r.ratio, zipnn.ratio if has_zipnn else None),
+            _gbps(r.encode_gbps.get(1)),
+            _gbps(r.encode_gbps.get(n)),
+            _gbps(r.decode_gbps.get(1)),
+            _gbps(r.decode_gbps.get(n)),
+            _times(r.decode_gbps.get(1), zipnn.decode_gbps.get(1) if has_zipnn else None),
+        )
+    stdout.print(t)
+
+
+@app.command("pack")
+def pack(
+    checkpoint: CheckpointArg = None,
+    threads: ThreadsOpt = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Pack runs; the best is kept.")] = 2,
+    json_output: JsonOpt = False,
+) -> None:
+    """Pack throughput (with verification) and peak memory vs reading the files, in a child process."""
+    source = _resolve(checkpoint)
+    report = run_pack_bench(open_checkpoint(source), source, threads=threads, repeat=repeat)
+    if json_output:
+        print_json(report.to_json())
+        return
+    t = table("measure", "value", title=f"pack on {report.checkpoint}: {human_bytes(report.source_bytes)}, best of {repeat}")
+    t.add_row("read the safetensors files (baseline)", f"{report.read_mbps:.0f} MB/s")
+    t.add_row("pack, verification included", f"{report.pack_mbps:.0f} MB/s ({report.pack_mbps / report.read_mbps:.2f}x the read)")
+    t.add_row("container / source", percent(report.container_bytes / report.source_bytes))
+    t.add_row("largest tensor", human_bytes(report.largest_tensor_bytes))
+    t.add_row("pack memory (peak RSS - import baseline)", human_bytes(report.peak_rss_bytes - report.baseline_rss_bytes))
+    t.add_row("peak RSS", human_bytes(report.peak_rss_bytes))
+    stdout.print(t)
+
+
+def _gbps(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _vs(ratio: float, zipnn_ratio: float | None) -> str:
+    return "-" if zipnn_ratio is None else f"{100 * (ratio - zipnn_ratio):+.2f} pt"
+
+
+def _times(value: float | None, baseline: float | None) -> str:
+    return "-" if value is None or not baseline else f"{value / baseline:.2f}x"

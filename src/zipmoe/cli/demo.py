@@ -1,0 +1,31 @@
+"""``zipmoe demo-checkpoint``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zipmoe.cli._options import ForceOpt
+from zipmoe.cli._output import human_bytes, stdout
+from zipmoe.demo import PRESETS, build_demo_checkpoint
+
+NAME = "demo-checkpoint"
+EPILOG = """Examples:
+
+  zipmoe demo-checkpoint build/demo-model && zipmoe pack build/demo-model -o build/demo.zmoe
+"""
+
+
+def command(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.", show_default=False)],
+    preset: Annotated[str, typer.Option("--preset", help=f"Model size: {', '.join(PRESETS)}.")] = "small",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the weights.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Write a small random-init Mixtral-style MoE checkpoint in Hugging Face layout (offline, for demos and tests)."""
+    out = build_demo_checkpoint(directory, preset, seed, force)
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    stdout.print(f"Wrote {out}: {len(files)} files, {human_bytes(total)} (Mixtral architecture, preset {preset!r}, seed {seed})")

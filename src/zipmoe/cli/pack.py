@@ -1,0 +1,89 @@
+"""``zipmoe pack``."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zipmoe.cli._options import ForceOpt, JsonOpt, QuietOpt, SourceArg, ThreadsOpt
+from zipmoe.cli._output import human_bytes, percent, print_json, progress_bar, stdout, table, warn
+from zipmoe.codecs.coders import parse_coder
+from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES
+from zipmoe.pack import PackOptions
+from zipmoe.pack import pack as run_pack
+
+NAME = "pack"
+EPILOG = """Examples:
+
+  zipmoe pack ./Mixtral-8x7B-v0.1 -o mixtral.zmoe
+
+  zipmoe pack Qwen/Qwen1.5-MoE-A2.7B            # from the Hub (or its local cache with HF_HUB_OFFLINE=1)
+
+  zipmoe pack org/model@v1.0 --coder zstd:3 --threads 8
+"""
+
+_ROWS = (("expert", "expert tensors"), ("dense", "dense tensors"), ("files", "files and headers"))
+
+
+def command(
+    source: SourceArg,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Container to write (default: NAME.zmoe here).")
+    ] = None,
+    coder: Annotated[
+        str, typer.Option("--coder", help="Exponent coder: rans, zstd[:LEVEL], lz4 or lz4hc[:LEVEL].")
+    ] = "rans",
+    chunk_values: Annotated[
+        int, typer.Option("--chunk-values", help="BF16 values per independently decodable chunk (multiple of 64).")
+    ] = DEFAULT_CHUNK_VALUES,
+    threads: ThreadsOpt = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip reading every checksum back before publishing the file.")
+    ] = False,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pack a Hugging Face MoE checkpoint into one verified .zmoe container (bit-exact)."""
+    options = PackOptions(
+        coder=parse_coder(coder), chunk_values=chunk_values, threads=threads, verify=not no_verify, force=force
+    )
+    with progress_bar(f"Packing {source}", quiet) as (start, advance):
+        result = run_pack(
+            source, output, options, progress_start=start, progress=advance, warn=None if quiet else warn
+        )
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if json_output:
+        print_json(
+            {
+                "path": str(result.path),
+                "source": result.source,
+                "family": result.family,
+                "tensors": result.n_tensors,
+                "expert_records": result.n_expert_records,
+                "source_bytes": result.source_bytes,
+                "container_bytes": result.container_bytes,
+                "ratio": result.ratio,
+                "seconds": result.seconds,
+                "verified": result.verified,
+                "peak_rss_bytes": peak_rss,
+                "classes": result.stats,
+                "warnings": list(result.warnings),
+            }
+        )
+        return
+    speed = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
+    checked = "verified" if result.verified else "not verified (--no-verify)"
+    t = table("", "tensors", "source", "stored", "ratio", title=f"{result.path}: {result.source} ({result.family or 'dense only'})")
+    for key, label in _ROWS:
+        s = result.stats[key]
+        if s["source_bytes"]:
+            count = str(s["n_tensors"]) if key != "files" else ""
+            t.add_row(label, count, human_bytes(s["source_bytes"]), human_bytes(s["stored_bytes"]), percent(s["stored_bytes"] / s["source_bytes"]))
+    t.add_row("container", str(result.n_tensors), human_bytes(result.source_bytes), human_bytes(result.container_bytes), percent(result.ratio), style="bold")
+    stdout.print(t)
+    stdout.print(f"{result.n_expert_records} expert records; {result.seconds:.1f} s ({speed:.0f} MB/s); {checked}")
+

@@ -1,0 +1,56 @@
+"""``zipmoe verify``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from zipmoe.cli._options import ContainerArg, JsonOpt, QuietOpt, ThreadsOpt
+from zipmoe.cli._output import human_bytes, print_json, progress_bar, stderr, stdout
+from zipmoe.verify import verify as run_verify
+
+NAME = "verify"
+EPILOG = """Examples:
+
+  zipmoe verify mixtral.zmoe
+
+  zipmoe verify mixtral.zmoe --source ./Mixtral-8x7B-v0.1     # also compare bit for bit with the source
+
+Exit status: 0 when everything checks out, 1 otherwise.
+"""
+
+_MAX_LISTED = 50
+
+
+def command(
+    container: ContainerArg,
+    source: Annotated[
+        Optional[str],
+        typer.Option("--source", "-s", help="Checkpoint directory or Hub id to compare with bit for bit."),
+    ] = None,
+    threads: ThreadsOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> int:
+    """Check structure, every checksum, and that every tensor decodes to its source (SHA-256, or bit for bit)."""
+    with progress_bar(f"Verifying {container}", quiet) as (start, advance):
+        report = run_verify(container, source, threads=threads, progress_start=start, progress=advance)
+    if json_output:
+        print_json(report.to_json())
+        return 0 if report.ok else 1
+    against = f"bit for bit against {report.source}" if report.source else "against the recorded SHA-256 of each tensor"
+    summary = (
+        f"{report.n_tensors} tensors ({report.n_parts} parts, {report.n_chunks} chunks, "
+        f"{human_bytes(report.decoded_bytes)}) and {report.n_files} files checked {against}"
+    )
+    if report.ok:
+        stdout.print(f"[green]OK[/green] {escape(str(report.path))}: {summary}")
+        return 0
+    for failure in report.failures[:_MAX_LISTED]:
+        stdout.print(f"[red]FAIL[/red] {escape(failure)}")
+    if len(report.failures) > _MAX_LISTED:
+        stdout.print(f"... and {len(report.failures) - _MAX_LISTED} more")
+    stderr.print(f"[red]Error:[/red] {escape(str(report.path))}: {len(report.failures)} problem(s) found; {summary}")
+    return 1

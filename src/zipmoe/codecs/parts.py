@@ -1,0 +1,379 @@
+"""Encoded tensor parts: the byte layout of one stored tensor (or one expert's slice of a fused tensor).
+
+Two encodings, each described by a JSON config stored in the manifest:
+
+``bf16-split`` (BF16 tensors)::
+
+    [directory: n_chunks x 24 bytes][sign-mantissa bytes: n_values][zero pad to 8][payload 0][pad]...[payload K-1][pad]
+
+  Chunk ``c`` covers values ``c*chunk_values .. min(n, (c+1)*chunk_values)``. Its sign+mantissa bytes are that
+  slice of the sign-mantissa stream; its exponent bytes are coded on their own by the exponent coder into payload
+  ``c``. Payloads follow one another, each padded with zeros to a multiple of 8 bytes.
+
+``raw`` (every other dtype, embedded files, safetensors headers)::
+
+    [directory: n_chunks x 24 bytes][bytes]
+
+  Chunk ``c`` covers bytes ``c*chunk_bytes .. min(size, (c+1)*chunk_bytes)`` of the payload.
+
+Directory entry (little-endian, 24 bytes)::
+
+    u32 payload_nbytes   bf16-split: coded exponent bytes of the chunk; raw: bytes of the chunk
+    u32 reserved         0
+    u64 payload_xxh64    XXH64 of the chunk's payload bytes
+    u64 plain_xxh64      bf16-split: XXH64 of the chunk's sign-mantissa bytes; raw: 0
+
+The manifest records each part's offset, size, chunk count and the XXH64 of its directory, so every byte of a part
+is covered by a checksum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from numba import njit
+
+from zipmoe._threads import Workers
+from zipmoe.codecs.bf16 import extract_sign_mantissa
+from zipmoe.codecs.checksum import xxh64
+from zipmoe.codecs.coders import ExponentCoder, RansCoder, coder_from_config
+from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
+
+DIRECTORY_ENTRY = np.dtype(
+    [("payload_nbytes", "<u4"), ("reserved", "<u4"), ("payload_xxh64", "<u8"), ("plain_xxh64", "<u8")]
+)
+DEFAULT_CHUNK_VALUES = 1 << 16  # chosen with `zipmoe bench codecs` (docs/BENCHMARKS.md)
+DEFAULT_CHUNK_BYTES = 1 << 20
+MIN_CHUNK = 64
+MAX_CHUNK = 1 << 30
+
+
+def pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _check_chunk_size(kind: str, size: Any) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_CHUNK <= size <= MAX_CHUNK or size % 64:
+        raise FormatError(f"{kind} must be a multiple of 64 between {MIN_CHUNK} and {MAX_CHUNK}, got {size!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Bf16Split:
+    """BF16 values split into raw sign+mantissa bytes and chunk-coded exponent bytes."""
+
+    coder: ExponentCoder = RansCoder()
+    chunk_values: int = DEFAULT_CHUNK_VALUES
+    encoding_id: ClassVar[str] = "bf16-split"
+
+    def __post_init__(self) -> None:
+        _check_chunk_size("chunk_values", self.chunk_values)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.encoding_id, "exponent_coder": self.coder.get_config(), "chunk_values": self.chunk_values}
+
+    def n_chunks(self, nbytes: int) -> int:
+        return -(-(nbytes // 2) // self.chunk_values)
+
+    @property
+    def label(self) -> str:
+        return f"bf16-split/{self.coder.label}"
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes stored as they are, chunked for checksums."""
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    encoding_id: ClassVar[str] = "raw"
+
+    def __post_init__(self) -> None:
+        _check_chunk_size("chunk_bytes", self.chunk_bytes)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.encoding_id, "chunk_bytes": self.chunk_bytes}
+
+    def n_chunks(self, nbytes: int) -> int:
+        return -(-nbytes // self.chunk_bytes)
+
+    @property
+    def label(self) -> str:
+        return "raw"
+
+
+Encoding = Bf16Split | Raw
+
+
+def encoding_from_config(config: Any) -> Encoding:
+    """The encoding a manifest config describes."""
+    if not isinstance(config, dict):
+        raise FormatError(f"encoding config must be an object, got {config!r}")
+    kind = config.get("id")
+    if kind == Bf16Split.encoding_id:
+        if set(config) != {"id", "exponent_coder", "chunk_values"}:
+            raise FormatError(f"bf16-split encoding: expected keys id, exponent_coder, chunk_values, got {sorted(config)}")
+        return Bf16Split(coder_from_config(config["exponent_coder"]), config["chunk_values"])
+    if kind == Raw.encoding_id:
+        if set(config) != {"id", "chunk_bytes"}:
+            raise FormatError(f"raw encoding: expected keys id, chunk_bytes, got {sorted(config)}")
+        return Raw(config["chunk_bytes"])
+    raise UnknownCodecError(f"unknown tensor encoding {kind!r} (known: bf16-split, raw)")
+
+
+@dataclass(frozen=True)
+class EncodedPart:
+    """The bytes of one encoded part and what the manifest records about it."""
+
+    data: np.ndarray  # uint8, the whole part
+    n_chunks: int
+    directory_xxh64: int
+    exponent_histogram: np.ndarray | None  # int64[256] for bf16-split
+
+
+@dataclass(frozen=True)
+class ChunkFailure:
+    """One chunk whose bytes do not match their checksum, or that does not decode."""
+
+    chunk: int
+    stream: str  # "exponent payload", "sign-mantissa bytes", "bytes", "directory"
+    file_offset: int
+    reason: str = "checksum mismatch"
+
+    def describe(self) -> str:
+        where = "directory" if self.stream == "directory" else f"chunk {self.chunk} {self.stream}"
+        return f"{where}: {self.reason} (file offset {self.file_offset})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@njit(nogil=True, cache=True)
+def _assemble_bf16(values, chunk_values, first, last, slots, slot_nbytes, sizes, blob, sm_start, payload_starts,
+                   payload_xxh64, plain_xxh64):  # pragma: no cover - compiled
+    for c in range(first, last):
+        lo = c * chunk_values
+        hi = min(values.size, lo + chunk_values)
+        extract_sign_mantissa(values[lo:hi], blob[sm_start + lo : sm_start + hi])
+        plain_xxh64[c] = xxh64(blob, sm_start + lo, sm_start + hi)
+        start = payload_starts[c]
+        size = sizes[c]
+        blob[start : start + size] = slots[c * slot_nbytes : c * slot_nbytes + size]
+        payload_xxh64[c] = xxh64(blob, start, start + size)
+
+
+@njit(nogil=True, cache=True)
+def _find_bad_chunks(buf, starts, sizes, expected, first, last, bad):  # pragma: no cover - compiled
+    """Flag chunks whose bytes ``buf[starts[c]:starts[c]+sizes[c]]`` do not hash to ``expected[c]``; count them."""
+    n_bad = 0
+    for c in range(first, last):
+        bad[c] = xxh64(buf, starts[c], starts[c] + sizes[c]) != expected[c]
+        n_bad += bad[c]
+    return n_bad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_part(encoding: Encoding, data: np.ndarray, workers: Workers) -> EncodedPart:
+    """Encode the raw bytes ``data`` (uint8; little-endian BF16 patterns for bf16-split) of one part."""
+    if isinstance(encoding, Raw):
+        return _encode_raw(encoding, data)
+    return _encode_bf16(encoding, data.view(np.uint16), workers)
+
+
+def _finish(blob: np.ndarray, directory: np.ndarray) -> int:
+    dir_bytes = directory.view(np.uint8)
+    blob[: dir_bytes.size] = dir_bytes
+    return int(xxh64(blob, 0, dir_bytes.size))
+
+
+def _encode_raw(encoding: Raw, data: np.ndarray) -> EncodedPart:
+    n_chunks = encoding.n_chunks(data.size)
+    directory = np.zeros(n_chunks, DIRECTORY_ENTRY)
+    dir_nbytes = directory.nbytes
+    blob = np.empty(dir_nbytes + data.size, np.uint8)
+    blob[dir_nbytes:] = data
+    for c in range(n_chunks):
+        lo = dir_nbytes + c * encoding.chunk_bytes
+        hi = min(blob.size, lo + encoding.chunk_bytes)
+        directory[c]["payload_nbytes"] = hi - lo
+        directory[c]["payload_xxh64"] = xxh64(blob, lo, hi)
+    return EncodedPart(blob, n_chunks, _finish(blob, directory), None)
+
+
+def _bf16_layout(encoding: Bf16Split, n_values: int, payload_nbytes: np.ndarray) -> tuple[int, np.ndarray, int]:
+    """(sm_start, payload_starts, total size) of a bf16-split part."""
+    sm_start = payload_nbytes.size * DIRECTORY_ENTRY.itemsize
+    padded = (payload_nbytes.astype(np.int64) + 7) & ~7
+    starts = np.empty(payload_nbytes.size, np.int64)
+    first = sm_start + pad8(n_values)
+    if starts.size:
+        starts[0] = first
+        np.cumsum(padded[:-1], out=starts[1:])
+        starts[1:] += first
+    return sm_start, starts, first + int(padded.sum())
+
+
+def _encode_bf16(encoding: Bf16Split, values: np.ndarray, workers: Workers) -> EncodedPart:
+    coder, cv = encoding.coder, encoding.chunk_values
+    n_chunks = encoding.n_chunks(values.nbytes)
+    slot_nbytes = pad8(coder.max_payload_nbytes(cv))
+    slots = np.empty(n_chunks * slot_nbytes, np.uint8)
+    sizes = np.zeros(n_chunks, np.int64)
+    histograms = np.zeros((n_chunks, 256), np.int64)
+    min_chunks = max(1, (1 << 18) // cv)
+    workers.run_ranges(
+        lambda a, b: coder.encode_chunks(values, cv, a, b, slots, slot_nbytes, sizes, histograms), n_chunks, min_chunks
+    )
+    sm_start, starts, total = _bf16_layout(encoding, values.size, sizes)
+    blob = np.zeros(total, np.uint8)
+    directory = np.zeros(n_chunks, DIRECTORY_ENTRY)
+    payload_xxh64 = np.zeros(n_chunks, np.uint64)
+    plain_xxh64 = np.zeros(n_chunks, np.uint64)
+    workers.run_ranges(
+        lambda a, b: _assemble_bf16(
+            values, cv, a, b, slots, slot_nbytes, sizes, blob, sm_start, starts, payload_xxh64, plain_xxh64
+        ),
+        n_chunks,
+        min_chunks,
+    )
+    directory["payload_nbytes"] = sizes
+    directory["payload_xxh64"] = payload_xxh64
+    directory["plain_xxh64"] = plain_xxh64
+    return EncodedPart(blob, n_chunks, _finish(blob, directory), histograms.sum(axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class PartView:
+    """Where one part lies in a buffer, and what the manifest says about it."""
+
+    encoding: Encoding
+    offset: int  # of the part in `buf`
+    nbytes: int
+    size: int  # decoded bytes
+    n_chunks: int
+    directory_xxh64: int
+    file_offset: int  # of the part in the container file, for messages
+
+
+class _Layout:
+    """A part's directory, checked against its checksum and the manifest, and the chunk ranges it implies."""
+
+    def __init__(self, buf: np.ndarray, part: PartView) -> None:
+        enc = part.encoding
+        dir_nbytes = part.n_chunks * DIRECTORY_ENTRY.itemsize
+        if part.n_chunks != enc.n_chunks(part.size) or dir_nbytes > part.nbytes:
+            raise FormatError(
+                f"part at file offset {part.file_offset}: {part.n_chunks} chunks recorded, "
+                f"{enc.n_chunks(part.size)} expected for {part.size} bytes"
+            )
+        if int(xxh64(buf, part.offset, part.offset + dir_nbytes)) != part.directory_xxh64:
+            raise ChecksumError(f"chunk directory: checksum mismatch (file offset {part.file_offset})")
+        self.directory = buf[part.offset : part.offset + dir_nbytes].view(DIRECTORY_ENTRY)
+        payload_nbytes = self.directory["payload_nbytes"].astype(np.int64)
+        base = part.offset
+        if isinstance(enc, Raw):
+            self.plain_starts = None
+            chunk_starts = np.arange(part.n_chunks, dtype=np.int64) * enc.chunk_bytes
+            expected = np.minimum(part.size - chunk_starts, enc.chunk_bytes)
+            if not np.array_equal(payload_nbytes, expected) or part.nbytes != dir_nbytes + part.size:
+                raise FormatError(f"raw part at file offset {part.file_offset}: directory sizes do not add up")
+            self.payload_starts = base + dir_nbytes + chunk_starts
+        else:
+            n_values = part.size // 2
+            if part.size % 2 or payload_nbytes.max(initial=0) > enc.coder.max_payload_nbytes(enc.chunk_values):
+                raise FormatError(f"bf16 part at file offset {part.file_offset}: inconsistent sizes")
+            sm_start, starts, total = _bf16_layout(enc, n_values, payload_nbytes)
+            if total != part.nbytes:
+                raise FormatError(
+                    f"bf16 part at file offset {part.file_offset}: directory describes {total} bytes, "
+                    f"manifest records {part.nbytes}"
+                )
+            self.sm_start = base + sm_start
+            self.payload_starts = base + starts
+            chunk_lo = np.arange(part.n_chunks, dtype=np.int64) * enc.chunk_values
+            self.plain_starts = self.sm_start + chunk_lo
+            self.plain_sizes = np.minimum(n_values - chunk_lo, enc.chunk_values)
+        self.payload_sizes = payload_nbytes
+
+        n = part.n_chunks
+        self.bad_payload = np.zeros(n, np.bool_)
+        self.bad_plain = np.zeros(n, np.bool_) if self.plain_starts is not None else None
+        # Chunks per task: enough work (~256K values or 1 MiB) to outweigh handing a task to a thread.
+        self.min_chunks = max(1, (1 << 18) // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
+
+    def scan(self, buf: np.ndarray, first: int, last: int) -> int:
+        """Check the checksums of chunks ``first..last-1`` (flags in ``bad_payload``/``bad_plain``); count failures."""
+        d = self.directory
+        n_bad = _find_bad_chunks(buf, self.payload_starts, self.payload_sizes, d["payload_xxh64"], first, last, self.bad_payload)
+        if self.bad_plain is not None:
+            n_bad += _find_bad_chunks(buf, self.plain_starts, self.plain_sizes, d["plain_xxh64"], first, last, self.bad_plain)
+        return n_bad
+
+
+def check_part(buf: np.ndarray, part: PartView, workers: Workers) -> list[ChunkFailure]:
+    """Every checksum of a part; returns the failing chunks (empty when all match)."""
+    try:
+        layout = _Layout(buf, part)
+    except FormatError as exc:
+        return [ChunkFailure(-1, "directory", part.file_offset, str(exc).split(": ", 1)[-1])]
+    workers.run_ranges(lambda a, b: layout.scan(buf, a, b), part.n_chunks, layout.min_chunks)
+    return _failures(part, layout)
+
+
+def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
+    to_file = part.file_offset - part.offset
+    payload_name = "bytes" if layout.bad_plain is None else "exponent payload"
+    failures = [
+        ChunkFailure(int(c), payload_name, int(layout.payload_starts[c]) + to_file)
+        for c in np.flatnonzero(layout.bad_payload)
+    ]
+    if layout.bad_plain is not None:
+        failures += [
+            ChunkFailure(int(c), "sign-mantissa bytes", int(layout.plain_starts[c]) + to_file)
+            for c in np.flatnonzero(layout.bad_plain)
+        ]
+    return sorted(failures, key=lambda f: (f.chunk, f.stream))
+
+
+def decode_part(buf: np.ndarray, part: PartView, out: np.ndarray, workers: Workers, *, check: bool = True) -> None:
+    """Decode one part from ``buf`` into ``out`` (uint8, ``part.size`` bytes).
+
+    Raises:
+        ChecksumError: a checksum does not match (with ``check``), naming the chunk and its file offset.
+        FormatError: the directory or a payload is inconsistent.
+    """
+    layout = _Layout(buf, part)
+    enc = part.encoding
+
+    def task(first: int, last: int) -> tuple[int, str]:
+        # Each task checks its chunks, then decodes them: one pass of the thread pool per part.
+        if check and layout.scan(buf, first, last):
+            return -2, ""
+        if isinstance(enc, Raw):
+            lo = first * enc.chunk_bytes
+            hi = min(part.size, last * enc.chunk_bytes)
+            start = part.offset + layout.directory.nbytes
+            out[lo:hi] = buf[start + lo : start + hi]
+            return -1, ""
+        return enc.coder.decode_chunks(
+            buf, layout.payload_starts, layout.payload_sizes, layout.sm_start, enc.chunk_values, values.size,
+            first, last, values,
+        )
+
+    values = out.view(np.uint16) if isinstance(enc, Bf16Split) else out
+    results = workers.run_ranges(task, part.n_chunks, layout.min_chunks)
+    if any(chunk == -2 for chunk, _ in results):
+        raise ChecksumError(_failures(part, layout)[0].describe())
+    for chunk, reason in results:
+        if chunk >= 0:
+            offset = int(layout.payload_starts[chunk]) + part.file_offset - part.offset
+            raise ChecksumError(f"chunk {chunk} exponent payload: {reason} (file offset {offset})")

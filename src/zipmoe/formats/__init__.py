@@ -1,0 +1,1 @@
+"""The container format (writer, reader, manifest) and Hugging Face checkpoint input."""

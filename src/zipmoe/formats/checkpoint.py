@@ -1,0 +1,187 @@
+"""Hugging Face checkpoints as pack's input: a local directory or a Hub repo ``org/name[@revision]``.
+
+A local path that exists is always a directory; anything else that looks like ``org/name`` is fetched with
+``huggingface_hub.snapshot_download``, limited to the files a packed model needs, which honours ``HF_HOME``,
+``HF_HUB_CACHE``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` (then only the local cache is read).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zipmoe.errors import CheckpointError
+from zipmoe.formats.constants import ROLE_CONFIG, ROLE_GENERATION_CONFIG, ROLE_INDEX, ROLE_TOKENIZER
+from zipmoe.formats.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# Files kept verbatim in the container next to the weights, with their role.
+AUX_FILES = {
+    "config.json": ROLE_CONFIG,
+    "generation_config.json": ROLE_GENERATION_CONFIG,
+    INDEX_NAME: ROLE_INDEX,
+    "tokenizer.json": ROLE_TOKENIZER,
+    "tokenizer_config.json": ROLE_TOKENIZER,
+    "special_tokens_map.json": ROLE_TOKENIZER,
+    "added_tokens.json": ROLE_TOKENIZER,
+    "tokenizer.model": ROLE_TOKENIZER,
+    "vocab.json": ROLE_TOKENIZER,
+    "vocab.txt": ROLE_TOKENIZER,
+    "merges.txt": ROLE_TOKENIZER,
+    "chat_template.jinja": ROLE_TOKENIZER,
+    "chat_template.json": ROLE_TOKENIZER,
+    "*.tiktoken": ROLE_TOKENIZER,
+}
+
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[^\s@]+))?$")
+
+
+def aux_role(name: str) -> str | None:
+    """The role of a file kept verbatim, or None if pack does not keep it."""
+    return next((role for pattern, role in AUX_FILES.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a checkpoint came from, as recorded in the manifest."""
+
+    kind: str  # "local" or "hub"
+    name: str  # directory name, or repo id
+    revision: str | None = None  # as asked for (hub)
+    commit: str | None = None  # resolved snapshot (hub)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name}
+        if self.kind == "hub":
+            out.update(revision=self.revision, commit=self.commit)
+        return out
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"{self.name}@{self.commit or self.revision or 'main'}"
+        return self.name
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory: its config, the files to keep, and every tensor."""
+
+    root: Path
+    source: CheckpointSource
+    config: dict[str, Any] | None
+    aux_files: list[tuple[str, str]]  # (file name, role), sorted by name
+    files: list[SafetensorsFile]
+    tensors: dict[str, tuple[int, SourceTensor]]  # name -> (index into files, tensor)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(t.nbytes for _, t in self.tensors.values())
+
+
+def open_checkpoint(source: str) -> Checkpoint:
+    """Resolve ``source`` (local directory or ``org/name[@revision]``) and parse every safetensors header.
+
+    Raises:
+        CheckpointError: the directory or repo does not exist, has no safetensors, or a file is malformed.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{source}: not a directory (expected a Hugging Face checkpoint directory)")
+        return _open_dir(path.resolve(), CheckpointSource("local", path.resolve().name))
+    m = _REPO_ID.match(source)
+    if m is None:
+        raise CheckpointError(f"{source}: no such directory, and not a Hub repo id (org/name[@revision])")
+    return _open_hub(m["repo"], m["revision"])
+
+
+def _index_files(index_path: Path) -> list[str]:
+    """The shard names a ``model.safetensors.index.json`` lists."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
+    if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise CheckpointError(f"{index_path}: weight_map must name files in the same directory")
+    return names
+
+
+def _weight_files(root: Path) -> list[str]:
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        names = _index_files(index_path)
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path}: lists {len(missing)} missing file(s), first {missing[0]!r}")
+        return names
+    if (root / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    return sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
+
+
+def _open_dir(root: Path, source: CheckpointSource) -> Checkpoint:
+    names = _weight_files(root)
+    if not names:
+        raise CheckpointError(f"{root}: no *.safetensors files (expected a Hugging Face checkpoint directory)")
+    config = None
+    if (root / "config.json").is_file():
+        try:
+            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{root / 'config.json'}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{root / 'config.json'}: expected a JSON object")
+    aux = sorted((p.name, role) for p in root.iterdir() if p.is_file() and (role := aux_role(p.name)))
+    files = [read_safetensors_header(root / name) for name in names]
+    tensors: dict[str, tuple[int, SourceTensor]] = {}
+    for i, f in enumerate(files):
+        for t in f.tensors:
+            if t.name in tensors:
+                raise CheckpointError(f"{root}: tensor {t.name!r} is in both {files[tensors[t.name][0]].name} and {f.name}")
+            tensors[t.name] = (i, t)
+    return Checkpoint(root, source, config, aux, files, tensors)
+
+
+def _open_hub(repo_id: str, revision: str | None) -> Checkpoint:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("reading from the Hub needs huggingface_hub: pip install huggingface_hub") from None
+
+    label = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(AUX_FILES)))
+        index_path = root / INDEX_NAME
+        patterns = _index_files(index_path) if index_path.is_file() else ["*.safetensors"]
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(AUX_FILES) + patterns))
+    except GatedRepoError:
+        raise CheckpointError(f"{label}: gated repo; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{label}: no such repo on the Hub (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{label}: no such revision") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{label}: not a local directory, and Hub repo {repo_id} is not in the local cache "
+            "(offline: HF_HUB_OFFLINE is set or the Hub is unreachable)"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise CheckpointError(f"{label}: Hub request failed ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{label}: cannot download ({exc})") from None
+    source = CheckpointSource("hub", repo_id, revision, root.name)
+    return _open_dir(root, source)

@@ -1,0 +1,22 @@
+"""Every magic number of the container format, in one place (docs/FORMAT.md is the normative spec)."""
+
+from __future__ import annotations
+
+MAGIC = b"\x89ZIPMOE\n"  # 8 bytes; the high first byte and the newline catch 7-bit and text-mode transfers
+FORMAT_VERSION = 1
+HEADER_NBYTES = 64
+DEFAULT_ALIGNMENT = 4096  # records (dense tensors, expert records, files) start on this boundary
+PART_ALIGNMENT = 64  # parts inside an expert record start on this boundary
+MAX_MANIFEST_NBYTES = 1 << 30  # a reader refuses larger manifests before reading them
+SUFFIX = ".zmoe"  # conventional file name suffix
+PARTIAL_SUFFIX = ".partial"  # a container being written; never a valid container
+
+# Tensor classes in the manifest.
+CLASS_EXPERT = "expert"
+CLASS_DENSE = "dense"
+
+# Roles of embedded files.
+ROLE_CONFIG = "config"
+ROLE_GENERATION_CONFIG = "generation_config"
+ROLE_INDEX = "safetensors_index"
+ROLE_TOKENIZER = "tokenizer"

@@ -1,0 +1,369 @@
+"""The JSON manifest: what is stored where, how it is encoded, and the checksums that prove it.
+
+The manifest is the last section of the file and is covered by the header's ``manifest_xxh64``. It is written as
+canonical JSON (sorted keys, no spaces, UTF-8), so the same input always gives the same bytes. `Manifest.from_json`
+validates every field's type before anything trusts it; `docs/FORMAT.md` lists the fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zipmoe.codecs.parts import Encoding, encoding_from_config
+from zipmoe.errors import FormatError
+from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Blob:
+    """An encoded part stored in the file: ``nbytes`` stored bytes at ``offset`` that decode to ``size`` bytes."""
+
+    offset: int
+    nbytes: int
+    size: int
+    n_chunks: int
+    directory_xxh64: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "size": self.size,
+            "n_chunks": self.n_chunks,
+            "directory_xxh64": f"{self.directory_xxh64:016x}",
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One source tensor. Dense and per-expert tensors have one part; a fused expert tensor ([E, ...]) has E."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    tensor_class: str  # "expert" or "dense"
+    file: int  # index into Manifest.safetensors
+    sha256: str  # of the source tensor's bytes
+    encoding: int  # index into Manifest.encodings
+    parts: tuple[Blob, ...]
+    layer: int | None = None
+    expert: int | None = None  # per-expert tensors
+    fused: bool = False  # parts[e] is expert e's slice along axis 0
+    exponent_entropy: float | None = None  # bits per value, BF16 only
+
+    @property
+    def size(self) -> int:
+        """Decoded bytes of the whole tensor."""
+        return sum(p.size for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of the whole tensor."""
+        return sum(p.nbytes for p in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "class": self.tensor_class,
+            "file": self.file,
+            "sha256": self.sha256,
+            "encoding": self.encoding,
+            "parts": [p.to_json() for p in self.parts],
+        }
+        if self.layer is not None:
+            out["layer"] = self.layer
+        if self.expert is not None:
+            out["expert"] = self.expert
+        if self.fused:
+            out["fused"] = True
+        if self.exponent_entropy is not None:
+            out["exponent_entropy"] = round(self.exponent_entropy, 6)
+        return out
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """The contiguous bytes of one routed expert: its ``members`` (tensor index, part index), in file order."""
+
+    layer: int
+    expert: int
+    offset: int
+    nbytes: int
+    members: tuple[tuple[int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "expert": self.expert,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "members": [list(m) for m in self.members],
+        }
+
+
+@dataclass(frozen=True)
+class EmbeddedFile:
+    """A checkpoint file kept verbatim (config, tokenizer, index)."""
+
+    name: str
+    role: str
+    sha256: str
+    blob: Blob
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "sha256": self.sha256, "blob": self.blob.to_json()}
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """A source safetensors file: its header bytes and its data region, segment by segment, for `unpack`.
+
+    A segment is ``("tensor", tensor_index)`` or ``("gap", Blob)`` for bytes no tensor covers.
+    """
+
+    name: str
+    nbytes: int
+    sha256: str
+    header: Blob  # the 8-byte length and the JSON header, verbatim
+    segments: tuple[tuple[str, Any], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nbytes": self.nbytes,
+            "sha256": self.sha256,
+            "header": self.header.to_json(),
+            "segments": [[kind, value.to_json() if isinstance(value, Blob) else value] for kind, value in self.segments],
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the container says about itself."""
+
+    created_by: str
+    source: dict[str, Any]
+    model: dict[str, Any]
+    config: dict[str, Any] | None
+    encodings: tuple[dict[str, Any], ...]
+    files: tuple[EmbeddedFile, ...]
+    safetensors: tuple[SafetensorsEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+    experts: tuple[ExpertRecord, ...]
+    stats: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical JSON (sorted keys, compact separators, UTF-8)."""
+        doc = {
+            "format_version": self.format_version,
+            "created_by": self.created_by,
+            "source": self.source,
+            "model": self.model,
+            "config": self.config,
+            "encodings": list(self.encodings),
+            "files": [f.to_json() for f in self.files],
+            "safetensors": [s.to_json() for s in self.safetensors],
+            "tensors": [t.to_json() for t in self.tensors],
+            "experts": [e.to_json() for e in self.experts],
+            "stats": self.stats,
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def encoding(self, index: int) -> Encoding:
+        return encoding_from_config(self.encodings[index])
+
+    def blobs(self) -> Iterator[tuple[str, Blob]]:
+        """Every stored blob with a label for messages."""
+        for f in self.files:
+            yield f"file {f.name!r}", f.blob
+        for s in self.safetensors:
+            yield f"header of {s.name!r}", s.header
+            for i, (kind, value) in enumerate(s.segments):
+                if kind == "gap":
+                    yield f"gap {i} of {s.name!r}", value
+        for t in self.tensors:
+            for i, p in enumerate(t.parts):
+                yield (f"tensor {t.name!r} part {i}" if t.fused else f"tensor {t.name!r}"), p
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes, name: str) -> Manifest:
+        """Parse and type-check a manifest (``name`` is the container, for messages)."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{name}: manifest is not valid UTF-8 JSON ({exc})") from None
+        return _Parser(name).manifest(doc)
+
+
+class _Parser:
+    """Typed field access with messages that say where the bad value is."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fail(self, where: str, message: str) -> FormatError:
+        return FormatError(f"{self.name}: manifest {where}: {message}")
+
+    def get(self, obj: Any, key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+        if not isinstance(obj, dict):
+            raise self.fail(where, f"expected an object, got {type(obj).__name__}")
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(where, f"missing field {key!r}")
+        value = obj[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.fail(f"{where}.{key}", f"expected an integer, got {value!r}")
+        if kind is int and value < 0:
+            raise self.fail(f"{where}.{key}", f"expected a non-negative integer, got {value}")
+        if not isinstance(value, kind):
+            raise self.fail(f"{where}.{key}", f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        return value
+
+    def hex64(self, obj: Any, key: str, where: str) -> int:
+        value = self.get(obj, key, str, where)
+        if len(value) != 16 or any(c not in "0123456789abcdef" for c in value):
+            raise self.fail(f"{where}.{key}", f"expected 16 lowercase hex digits, got {value!r}")
+        return int(value, 16)
+
+    def sha256(self, obj: Any, key: str, where: str) -> str:
+        value = self.get(obj, key, str, where)
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise self.fail(f"{where}.{key}", f"expected a SHA-256 hex digest, got {value!r}")
+        return value
+
+    def blob(self, obj: Any, where: str) -> Blob:
+        return Blob(
+            self.get(obj, "offset", int, where),
+            self.get(obj, "nbytes", int, where),
+            self.get(obj, "size", int, where),
+            self.get(obj, "n_chunks", int, where),
+            self.hex64(obj, "directory_xxh64", where),
+        )
+
+    def manifest(self, doc: Any) -> Manifest:
+        where = "root"
+        version = self.get(doc, "format_version", int, where)
+        if version != FORMAT_VERSION:
+            raise self.fail("format_version", f"expected {FORMAT_VERSION}, got {version}")
+        encodings = tuple(self.get(doc, "encodings", list, where))
+        for i, config in enumerate(encodings):
+            if not isinstance(config, dict):
+                raise self.fail(f"encodings[{i}]", "expected an object")
+            encoding_from_config(config)  # raises UnknownCodecError / FormatError
+        files = tuple(
+            EmbeddedFile(
+                self.get(f, "name", str, f"files[{i}]"),
+                self.get(f, "role", str, f"files[{i}]"),
+                self.sha256(f, "sha256", f"files[{i}]"),
+                self.blob(self.get(f, "blob", dict, f"files[{i}]"), f"files[{i}].blob"),
+            )
+            for i, f in enumerate(self.get(doc, "files", list, where))
+        )
+        tensors = tuple(self.tensor(t, f"tensors[{i}]", len(encodings)) for i, t in enumerate(self.get(doc, "tensors", list, where)))
+        safetensors = tuple(
+            self.safetensors(s, f"safetensors[{i}]", len(tensors))
+            for i, s in enumerate(self.get(doc, "safetensors", list, where))
+        )
+        experts = tuple(self.expert(e, f"experts[{i}]", tensors) for i, e in enumerate(self.get(doc, "experts", list, where)))
+        for i, t in enumerate(tensors):
+            if t.file >= len(safetensors):
+                raise self.fail(f"tensors[{i}].file", f"index {t.file} out of range ({len(safetensors)} files)")
+        config = doc.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise self.fail("config", "expected an object or null")
+        return Manifest(
+            created_by=self.get(doc, "created_by", str, where),
+            source=self.get(doc, "source", dict, where),
+            model=self.get(doc, "model", dict, where),
+            config=config,
+            encodings=encodings,
+            files=files,
+            safetensors=safetensors,
+            tensors=tensors,
+            experts=experts,
+            stats=self.get(doc, "stats", dict, where),
+            format_version=version,
+        )
+
+    def tensor(self, t: Any, where: str, n_encodings: int) -> TensorEntry:
+        shape = self.get(t, "shape", list, where)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise self.fail(f"{where}.shape", f"expected non-negative integers, got {shape}")
+        tensor_class = self.get(t, "class", str, where)
+        if tensor_class not in (CLASS_EXPERT, CLASS_DENSE):
+            raise self.fail(f"{where}.class", f"expected 'expert' or 'dense', got {tensor_class!r}")
+        encoding = self.get(t, "encoding", int, where)
+        if encoding >= n_encodings:
+            raise self.fail(f"{where}.encoding", f"index {encoding} out of range ({n_encodings} encodings)")
+        parts = tuple(self.blob(p, f"{where}.parts[{j}]") for j, p in enumerate(self.get(t, "parts", list, where)))
+        fused = self.get(t, "fused", bool, where, optional=True) or False
+        layer = self.get(t, "layer", int, where, optional=True)
+        expert = self.get(t, "expert", int, where, optional=True)
+        if tensor_class == CLASS_EXPERT and (layer is None or (expert is None) == (not fused)):
+            raise self.fail(where, "an expert tensor needs 'layer' and either 'expert' or 'fused'")
+        if (fused and (not shape or len(parts) != shape[0])) or (not fused and len(parts) != 1):
+            raise self.fail(f"{where}.parts", f"{len(parts)} parts do not fit shape {shape} (fused={fused})")
+        entropy = t.get("exponent_entropy")
+        if entropy is not None and not isinstance(entropy, (int, float)):
+            raise self.fail(f"{where}.exponent_entropy", "expected a number")
+        return TensorEntry(
+            name=self.get(t, "name", str, where),
+            dtype=self.get(t, "dtype", str, where),
+            shape=tuple(shape),
+            tensor_class=tensor_class,
+            file=self.get(t, "file", int, where),
+            sha256=self.sha256(t, "sha256", where),
+            encoding=encoding,
+            parts=parts,
+            layer=layer,
+            expert=expert,
+            fused=fused,
+            exponent_entropy=None if entropy is None else float(entropy),
+        )
+
+    def safetensors(self, s: Any, where: str, n_tensors: int) -> SafetensorsEntry:
+        segments: list[tuple[str, Any]] = []
+        for j, seg in enumerate(self.get(s, "segments", list, where)):
+            at = f"{where}.segments[{j}]"
+            if not isinstance(seg, list) or len(seg) != 2 or seg[0] not in ("tensor", "gap"):
+                raise self.fail(at, f"expected ['tensor', index] or ['gap', blob], got {seg!r}")
+            if seg[0] == "tensor":
+                if isinstance(seg[1], bool) or not isinstance(seg[1], int) or not 0 <= seg[1] < n_tensors:
+                    raise self.fail(at, f"tensor index {seg[1]!r} out of range ({n_tensors} tensors)")
+                segments.append(("tensor", seg[1]))
+            else:
+                segments.append(("gap", self.blob(seg[1], at)))
+        return SafetensorsEntry(
+            self.get(s, "name", str, where),
+            self.get(s, "nbytes", int, where),
+            self.sha256(s, "sha256", where),
+            self.blob(self.get(s, "header", dict, where), f"{where}.header"),
+            tuple(segments),
+        )
+
+    def expert(self, e: Any, where: str, tensors: tuple[TensorEntry, ...]) -> ExpertRecord:
+        members = []
+        for j, m in enumerate(self.get(e, "members", list, where)):
+            if (
+                not isinstance(m, list)
+                or len(m) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in m)
+                or not 0 <= m[0] < len(tensors)
+                or not 0 <= m[1] < len(tensors[m[0]].parts)
+            ):
+                raise self.fail(f"{where}.members[{j}]", f"expected [tensor index, part index], got {m!r}")
+            members.append((m[0], m[1]))
+        return ExpertRecord(
+            self.get(e, "layer", int, where),
+            self.get(e, "expert", int, where),
+            self.get(e, "offset", int, where),
+            self.get(e, "nbytes", int, where),
+            tuple(members),
+        )

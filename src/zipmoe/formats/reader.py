@@ -1,0 +1,282 @@
+"""Reading a container: validate before trusting, then decode one tensor or one expert on request.
+
+Opening reads only the header and the manifest and checks that every record lies inside the data region, is
+aligned, and overlaps no other record. The file is memory-mapped; nothing else is read until a tensor or an expert
+is asked for. Every decode checks the chunk checksums unless told not to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from zipmoe._threads import Workers
+from zipmoe.codecs.checksum import checksum
+from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part
+from zipmoe.errors import ChecksumError, FormatError
+from zipmoe.formats.constants import CLASS_EXPERT, HEADER_NBYTES, MAX_MANIFEST_NBYTES, PART_ALIGNMENT
+from zipmoe.formats.header import FileHeader
+from zipmoe.formats.manifest import Blob, ExpertRecord, Manifest, TensorEntry
+from zipmoe.formats.safetensors_file import tensor_nbytes
+
+# numpy dtypes for viewing decoded bytes; BF16 has none in numpy, so its bit patterns come back as uint16.
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+    "BF16": np.uint16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64,
+    "F64": np.float64, "C64": np.complex64,
+}  # fmt: skip
+
+
+def as_array(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """View decoded bytes as a numpy array of the tensor's shape (uint16 for BF16; flat uint8 for dtypes numpy lacks)."""
+    np_dtype = NUMPY_DTYPES.get(dtype)
+    if np_dtype is None:
+        return data
+    return data.view(np.dtype(np_dtype).newbyteorder("<")).reshape(shape)
+
+
+@dataclass(frozen=True)
+class DecodedMember:
+    """One tensor part of a decoded expert record."""
+
+    tensor: TensorEntry
+    part: int
+    data: np.ndarray  # uint8 bytes; see `as_array`
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape[1:] if self.tensor.fused else self.tensor.shape
+
+
+class Container:
+    """A zipmoe container opened for reading.
+
+    Args:
+        path: the ``.zmoe`` file.
+
+    Raises:
+        FormatError: the file is missing, not a container, of an unsupported version, truncated, or inconsistent.
+        ChecksumError: the header or the manifest is corrupt.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        name = str(path)
+        try:
+            with open(self.path, "rb") as f:
+                file_nbytes = os.fstat(f.fileno()).st_size
+                self.header = FileHeader.unpack(f.read(HEADER_NBYTES), file_nbytes, name)
+                if self.header.manifest_nbytes > MAX_MANIFEST_NBYTES:
+                    raise FormatError(f"{name}: manifest of {self.header.manifest_nbytes} bytes exceeds the limit")
+                f.seek(self.header.manifest_offset)
+                manifest_bytes = f.read(self.header.manifest_nbytes)
+        except FileNotFoundError:
+            raise FormatError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{name}: is a directory, not a container file") from None
+        except OSError as exc:
+            raise FormatError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        if checksum(manifest_bytes) != self.header.manifest_xxh64:
+            start = self.header.manifest_offset
+            raise ChecksumError(
+                f"{name}: manifest checksum mismatch (file offset {start}..{start + len(manifest_bytes) - 1})"
+            )
+        self.manifest = Manifest.from_json_bytes(manifest_bytes, name)
+        self.encodings: list[Encoding] = [self.manifest.encoding(i) for i in range(len(self.manifest.encodings))]
+        self.tensors = {t.name: t for t in self.manifest.tensors}
+        self.experts = {(e.layer, e.expert): e for e in self.manifest.experts}
+        self._validate(name)
+
+    # -- validation -------------------------------------------------------------------------------------------------
+
+    def _validate(self, name: str) -> None:
+        m, h = self.manifest, self.header
+        if len(self.tensors) != len(m.tensors) or len(self.experts) != len(m.experts):
+            raise FormatError(f"{name}: manifest has duplicate tensor names or expert records")
+        data_end = h.manifest_offset
+
+        def check_range(label: str, offset: int, nbytes: int, alignment: int) -> None:
+            if offset % alignment or offset < HEADER_NBYTES or offset + nbytes > data_end:
+                raise FormatError(
+                    f"{name}: {label}: range {offset}..{offset + nbytes} is misaligned or outside the data region "
+                    f"{HEADER_NBYTES}..{data_end}"
+                )
+
+        in_record: dict[tuple[int, int], ExpertRecord] = {}
+        regions: list[tuple[int, int, str]] = []
+        for rec in m.experts:
+            label = f"expert record (layer {rec.layer}, expert {rec.expert})"
+            check_range(label, rec.offset, rec.nbytes, h.alignment)
+            regions.append((rec.offset, rec.offset + rec.nbytes, label))
+            position = rec.offset
+            for t_index, p_index in rec.members:
+                tensor = m.tensors[t_index]
+                part = tensor.parts[p_index]
+                if tensor.tensor_class != CLASS_EXPERT or (t_index, p_index) in in_record:
+                    raise FormatError(f"{name}: {label}: member {tensor.name!r} is not an expert part or is listed twice")
+                if part.offset < position or part.offset % PART_ALIGNMENT or part.offset + part.nbytes > rec.offset + rec.nbytes:
+                    raise FormatError(f"{name}: {label}: member {tensor.name!r} lies outside the record or out of order")
+                expected_expert = p_index if tensor.fused else tensor.expert
+                if tensor.layer != rec.layer or expected_expert != rec.expert:
+                    raise FormatError(f"{name}: {label}: member {tensor.name!r} belongs to another expert")
+                position = part.offset + part.nbytes
+                in_record[(t_index, p_index)] = rec
+        for t_index, t in enumerate(m.tensors):
+            encoding = self.encodings[t.encoding]
+            expected = tensor_nbytes(t.dtype, t.shape)
+            if expected is not None and expected != t.size:
+                raise FormatError(f"{name}: tensor {t.name!r}: {t.dtype} {list(t.shape)} is {expected} bytes, parts hold {t.size}")
+            if isinstance(encoding, Bf16Split) and t.dtype != "BF16":
+                raise FormatError(f"{name}: tensor {t.name!r}: bf16-split encoding on a {t.dtype} tensor")
+            if t.fused and len({p.size for p in t.parts}) > 1:
+                raise FormatError(f"{name}: tensor {t.name!r}: fused parts differ in size")
+            for p_index, part in enumerate(t.parts):
+                label = f"tensor {t.name!r}" + (f" part {p_index}" if t.fused else "")
+                if t.tensor_class == CLASS_EXPERT:
+                    if (t_index, p_index) not in in_record:
+                        raise FormatError(f"{name}: {label}: expert part is in no expert record")
+                else:
+                    check_range(label, part.offset, part.nbytes, h.alignment)
+                    regions.append((part.offset, part.offset + part.nbytes, label))
+        for f in m.files:
+            check_range(f"file {f.name!r}", f.blob.offset, f.blob.nbytes, h.alignment)
+            regions.append((f.blob.offset, f.blob.offset + f.blob.nbytes, f"file {f.name!r}"))
+        seen_tensors: set[int] = set()
+        for f_index, s in enumerate(m.safetensors):
+            check_range(f"header of {s.name!r}", s.header.offset, s.header.nbytes, h.alignment)
+            regions.append((s.header.offset, s.header.offset + s.header.nbytes, f"header of {s.name!r}"))
+            total = s.header.size
+            for kind, value in s.segments:
+                if kind == "gap":
+                    check_range(f"gap in {s.name!r}", value.offset, value.nbytes, h.alignment)
+                    regions.append((value.offset, value.offset + value.nbytes, f"gap in {s.name!r}"))
+                    total += value.size
+                else:
+                    if value in seen_tensors or m.tensors[value].file != f_index:
+                        raise FormatError(f"{name}: {s.name!r}: segment tensor {value} is listed twice or in another file")
+                    seen_tensors.add(value)
+                    total += m.tensors[value].size
+            if total != s.nbytes:
+                raise FormatError(f"{name}: {s.name!r}: header and segments add up to {total} bytes, not {s.nbytes}")
+        if len(seen_tensors) != len(m.tensors):
+            raise FormatError(f"{name}: {len(m.tensors) - len(seen_tensors)} tensors are in no safetensors file")
+        regions.sort()
+        for (a_start, a_end, a_label), (b_start, _, b_label) in zip(regions, regions[1:]):
+            if b_start < a_end:
+                raise FormatError(f"{name}: {b_label} overlaps {a_label}")
+        self.regions = regions
+
+    # -- access -----------------------------------------------------------------------------------------------------
+
+    @cached_property
+    def data(self) -> np.ndarray:
+        """The whole file, memory-mapped read-only."""
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def part_view(self, tensor: TensorEntry, part: int, base: int = 0) -> PartView:
+        """Where part ``part`` of ``tensor`` lies in a buffer that starts at file offset ``base``."""
+        blob = tensor.parts[part]
+        return self.blob_view(blob, self.encodings[tensor.encoding], base)
+
+    def blob_view(self, blob: Blob, encoding: Encoding, base: int = 0) -> PartView:
+        return PartView(encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset)
+
+    def tensor(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: no tensor named {name!r}") from None
+
+    def read_tensor(self, name: str, *, workers: Workers | None = None, check: bool = True) -> np.ndarray:
+        """Decode a whole tensor; returns its source bytes (uint8). See `as_array` for a typed view."""
+        tensor = self.tensor(name)
+        out = np.empty(tensor.size, np.uint8)
+        self.decode_tensor_into(tensor, out, workers=workers, check=check)
+        return out
+
+    def decode_tensor_into(
+        self, tensor: TensorEntry, out: np.ndarray, *, workers: Workers | None = None, check: bool = True
+    ) -> None:
+        """Decode ``tensor`` into ``out`` (uint8, ``tensor.size`` bytes)."""
+        workers = workers or Workers(1)
+        position = 0
+        for index, blob in enumerate(tensor.parts):
+            self._decode(tensor, index, self.data, 0, out[position : position + blob.size], workers, check)
+            position += blob.size
+
+    def read_expert(
+        self, layer: int, expert: int, *, workers: Workers | None = None, check: bool = True
+    ) -> list[DecodedMember]:
+        """Read one expert record with a single read and decode every tensor part in it."""
+        record = self.experts.get((layer, expert))
+        if record is None:
+            raise FormatError(f"{self.path}: no expert record for layer {layer}, expert {expert}")
+        buf = np.array(self.data[record.offset : record.offset + record.nbytes])  # the one read
+        workers = workers or Workers(1)
+        members = []
+        for t_index, p_index in record.members:
+            tensor = self.manifest.tensors[t_index]
+            out = np.empty(tensor.parts[p_index].size, np.uint8)
+            self._decode(tensor, p_index, buf, record.offset, out, workers, check)
+            members.append(DecodedMember(tensor, p_index, out))
+        return members
+
+    def _decode(
+        self, tensor: TensorEntry, part: int, buf: np.ndarray, base: int, out: np.ndarray, workers: Workers, check: bool
+    ) -> None:
+        try:
+            decode_part(buf, self.part_view(tensor, part, base), out, workers, check=check)
+        except FormatError as exc:
+            label = f"tensor {tensor.name!r}" + (f" part {part}" if tensor.fused else "")
+            raise type(exc)(f"{self.path}: {label}: {exc}") from None
+
+    def read_blob(self, blob: Blob, label: str, *, check: bool = True) -> np.ndarray:
+        """Decode a raw blob (embedded file, safetensors header, gap)."""
+        out = np.empty(blob.size, np.uint8)
+        encoding = self.encodings[self.raw_encoding_index]
+        try:
+            decode_part(self.data, self.blob_view(blob, encoding), out, Workers(1), check=check)
+        except FormatError as exc:
+            raise type(exc)(f"{self.path}: {label}: {exc}") from None
+        return out
+
+    @cached_property
+    def raw_encoding_index(self) -> int:
+        for i, config in enumerate(self.manifest.encodings):
+            if config.get("id") == "raw":
+                return i
+        raise FormatError(f"{self.path}: manifest has no raw encoding for its files")
+
+    def read_file(self, name: str) -> bytes:
+        """The bytes of an embedded file (config.json, tokenizer.json, ...)."""
+        for f in self.manifest.files:
+            if f.name == name:
+                return self.read_blob(f.blob, f"file {name!r}").tobytes()
+        raise FormatError(f"{self.path}: no embedded file named {name!r}")
+
+    def padding_ranges(self) -> list[tuple[int, int]]:
+        """Byte ranges that no stored blob covers (alignment padding); in a valid file they are all zero."""
+        ranges = []
+        position = HEADER_NBYTES
+        for start, end in sorted((b.offset, b.offset + b.nbytes) for _, b in self.manifest.blobs()):
+            if start > position:
+                ranges.append((position, start))
+            position = max(position, end)
+        if position < self.header.manifest_offset:
+            ranges.append((position, self.header.manifest_offset))
+        return ranges
+
+    def close(self) -> None:
+        data = self.__dict__.pop("data", None)
+        if data is not None:
+            data._mmap.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

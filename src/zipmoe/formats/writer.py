@@ -1,0 +1,183 @@
+"""Writing a container: an explicit state machine that publishes atomically.
+
+Bytes go to ``OUT.partial`` (an interrupted run leaves only that, which is never a valid container and which the
+next run overwrites). `ContainerWriter.finish` writes the manifest, then the header, fsyncs, lets the caller check
+the finished file, and only then renames it to ``OUT``. Padding is always zero bytes, so the same input gives the
+same file.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from zipmoe.codecs.checksum import checksum
+from zipmoe.errors import OutputError
+from zipmoe.formats.constants import DEFAULT_ALIGNMENT, HEADER_NBYTES, PART_ALIGNMENT, PARTIAL_SUFFIX
+from zipmoe.formats.header import FileHeader
+from zipmoe.formats.manifest import Manifest
+
+
+class WriterState(enum.Enum):
+    DATA = "data"  # writing records
+    RECORD = "record"  # inside an expert record
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+class ContainerWriter:
+    """Write records, then the manifest and header; publish with a rename.
+
+    Args:
+        path: the container to create.
+        alignment: record alignment in bytes (a power of two, at least 64).
+    """
+
+    def __init__(self, path: Path, alignment: int = DEFAULT_ALIGNMENT) -> None:
+        if alignment < PART_ALIGNMENT or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two >= {PART_ALIGNMENT}, got {alignment}")
+        self.path = path
+        self.tmp_path = partial_path(path)
+        self.alignment = alignment
+        try:
+            self._file = open(self.tmp_path, "wb")  # truncates what an interrupted run left
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
+        self._position = 0
+        self._record_start = 0
+        self.state = WriterState.DATA
+        self._write(bytes(HEADER_NBYTES))  # the header is written last
+
+    # -- low level ------------------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview | np.ndarray) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
+        self._position += view.nbytes
+
+    def _pad_to(self, alignment: int) -> None:
+        pad = -self._position % alignment
+        if pad:
+            self._write(bytes(pad))
+
+    def _expect(self, *states: WriterState) -> None:
+        if self.state not in states:
+            raise RuntimeError(f"container writer: expected state {'/'.join(s.value for s in states)}, got {self.state.value}")
+
+    # -- records ----------------------------------------------------------------------------------------------------
+
+    def write_record(self, data: np.ndarray) -> int:
+        """Write one top-level record (a dense part, a file) at the next aligned offset; return the offset."""
+        self._expect(WriterState.DATA)
+        self._pad_to(self.alignment)
+        offset = self._position
+        self._write(data)
+        return offset
+
+    def begin_expert(self) -> None:
+        """Start an expert record: the parts written until `end_expert` are contiguous."""
+        self._expect(WriterState.DATA)
+        self._pad_to(self.alignment)
+        self._record_start = self._position
+        self.state = WriterState.RECORD
+
+    def write_part(self, data: np.ndarray) -> int:
+        """Write one part of the current expert record; return its offset."""
+        self._expect(WriterState.RECORD)
+        self._pad_to(PART_ALIGNMENT)
+        offset = self._position
+        self._write(data)
+        return offset
+
+    def end_expert(self) -> tuple[int, int]:
+        """Close the expert record; return its (offset, nbytes)."""
+        self._expect(WriterState.RECORD)
+        self.state = WriterState.DATA
+        return self._record_start, self._position - self._record_start
+
+    # -- publishing -------------------------------------------------------------------------------------------------
+
+    def finish(self, manifest: Manifest, check: Callable[[Path], None] | None = None) -> Path:
+        """Write manifest and header, fsync, run ``check(tmp_path)``, then rename to the final path.
+
+        If ``check`` raises, nothing is published and the partial file is removed.
+        """
+        self._expect(WriterState.DATA)
+        self._pad_to(self.alignment)
+        manifest_offset = self._position
+        manifest_bytes = manifest.to_json_bytes()
+        self._write(manifest_bytes)
+        header = FileHeader(
+            alignment=self.alignment,
+            file_nbytes=self._position,
+            manifest_offset=manifest_offset,
+            manifest_nbytes=len(manifest_bytes),
+            manifest_xxh64=checksum(manifest_bytes),
+        )
+        try:
+            self._file.seek(0)
+            self._file.write(header.pack())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
+        try:
+            if check is not None:
+                check(self.tmp_path)
+            os.replace(self.tmp_path, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self.state = WriterState.FINISHED
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the partial file (idempotent)."""
+        if self.state is WriterState.FINISHED:
+            return
+        self.state = WriterState.ABORTED
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - nothing better to do while failing
+            raise OutputError(f"cannot remove {self.tmp_path}: {exc.strerror or exc}") from None
+
+    def __enter__(self) -> ContainerWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self.state not in (WriterState.FINISHED, WriterState.ABORTED):
+            self.abort()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,412 @@
+"""`pack`: a Hugging Face checkpoint in, one verified container out.
+
+Order of the file: embedded files (config, tokenizer, index), each safetensors header (and any bytes no tensor
+covers), dense tensors in checkpoint order, then one record per routed expert sorted by (layer, expert). Tensors
+are read one part at a time into reused buffers, so memory grows with the largest tensor, never with the model.
+Every part is decoded again right after it is encoded and compared with its source bit for bit; when the file is
+complete every checksum is read back from disk before the file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zipmoe import __version__
+from zipmoe._threads import Workers
+from zipmoe.codecs.bf16 import entropy_bits
+from zipmoe.codecs.coders import ExponentCoder, RansCoder
+from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, EncodedPart, PartView, Raw, check_part, decode_part, encode_part
+from zipmoe.errors import OutputError, VerificationError
+from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
+from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SUFFIX
+from zipmoe.formats.experts import ModelLayout, classify
+from zipmoe.formats.manifest import Blob, EmbeddedFile, ExpertRecord, Manifest, SafetensorsEntry, TensorEntry
+from zipmoe.formats.reader import Container
+from zipmoe.formats.safetensors_file import SourceTensor
+from zipmoe.formats.writer import ContainerWriter
+
+ProgressFn = Callable[[int], None]  # called with the number of source bytes just processed
+_HASH_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How to pack.
+
+    Args:
+        coder: exponent coder for BF16 tensors.
+        chunk_values: BF16 values per independently decodable chunk.
+        threads: worker threads (None: every available CPU).
+        verify: read every checksum back from the finished file before publishing it.
+        force: overwrite an existing output file.
+    """
+
+    coder: ExponentCoder = field(default_factory=RansCoder)
+    chunk_values: int = DEFAULT_CHUNK_VALUES
+    threads: int | None = None
+    verify: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        Bf16Split(self.coder, self.chunk_values)  # validates the chunk size before any work
+
+
+@dataclass
+class ClassStats:
+    """Sizes of one class of stored bytes (expert tensors, dense tensors, embedded files)."""
+
+    n_tensors: int = 0
+    source_bytes: int = 0
+    stored_bytes: int = 0
+    bf16_source_bytes: int = 0
+    bf16_stored_bytes: int = 0
+    exponent_histogram: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))
+
+    def add(self, source: int, stored: int, histogram: np.ndarray | None) -> None:
+        self.source_bytes += source
+        self.stored_bytes += stored
+        if histogram is not None:
+            self.bf16_source_bytes += source
+            self.bf16_stored_bytes += stored
+            self.exponent_histogram += histogram
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_tensors": self.n_tensors,
+            "source_bytes": self.source_bytes,
+            "stored_bytes": self.stored_bytes,
+            "bf16_source_bytes": self.bf16_source_bytes,
+            "bf16_stored_bytes": self.bf16_stored_bytes,
+            "exponent_histogram": self.exponent_histogram.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What `pack` did."""
+
+    path: Path
+    source: str
+    family: str | None
+    n_tensors: int
+    n_expert_records: int
+    source_bytes: int
+    container_bytes: int
+    stats: dict[str, dict[str, Any]]
+    seconds: float
+    warnings: tuple[str, ...]
+    verified: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.container_bytes / self.source_bytes if self.source_bytes else 1.0
+
+
+def default_output(source: str) -> Path:
+    """``SOURCE.zmoe`` in the current directory, named after the checkpoint directory or repo."""
+    name = source.rstrip("/").split("@")[0].rsplit("/", 1)[-1] or "model"
+    return Path(name + SUFFIX)
+
+
+def check_output(path: Path, force: bool) -> None:
+    """Fail early, with one clear line, if ``path`` cannot be created."""
+    parent = path.parent
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists (use --force to overwrite it)")
+    if not parent.exists():
+        raise OutputError(f"cannot write {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def pack(
+    source: str,
+    output: Path | None = None,
+    options: PackOptions | None = None,
+    *,
+    progress_start: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> PackResult:
+    """Pack a checkpoint (local directory or ``org/name[@revision]``) into a container.
+
+    Args:
+        source: checkpoint directory or Hub repo id.
+        output: container path (default: `default_output`).
+        options: `PackOptions`.
+        progress_start: called once with the total number of source bytes.
+        progress: called with the number of source bytes just packed.
+        warn: called with each warning (unknown architecture, odd tensors).
+
+    Returns:
+        A `PackResult` with sizes, ratios and timing.
+
+    Raises:
+        CheckpointError: the source cannot be read.
+        OutputError: the output cannot be written.
+        VerificationError: a part did not decode to its source (a bug; nothing is published).
+    """
+    options = options or PackOptions()
+    output = Path(output) if output is not None else default_output(source)
+    check_output(output, options.force)
+    started = time.perf_counter()
+    checkpoint = open_checkpoint(source)
+    layout = classify(checkpoint.config, [t for _, t in checkpoint.tensors.values()])
+    for message in layout.warnings:
+        if warn:
+            warn(message)
+    total = checkpoint.n_bytes + sum(f.header_nbytes for f in checkpoint.files)
+    if progress_start:
+        progress_start(total)
+    with Workers(options.threads) as workers, ContainerWriter(output) as writer:
+        packer = _Packer(checkpoint, layout, writer, options, workers, progress or (lambda n: None))
+        manifest = packer.run()
+        verify = (lambda tmp: _check_written(tmp, workers)) if options.verify else None
+        writer.finish(manifest, check=verify)
+    container_bytes = output.stat().st_size
+    return PackResult(
+        path=output,
+        source=checkpoint.source.describe(),
+        family=layout.family,
+        n_tensors=len(manifest.tensors),
+        n_expert_records=len(manifest.experts),
+        source_bytes=sum(f.nbytes for f in checkpoint.files) + sum(f.blob.size for f in manifest.files),
+        container_bytes=container_bytes,
+        stats=manifest.stats["classes"],
+        seconds=time.perf_counter() - started,
+        warnings=layout.warnings,
+        verified=options.verify,
+    )
+
+
+def _check_written(path: Path, workers: Workers) -> None:
+    """Re-open the finished (unpublished) file and check its structure and every checksum from disk."""
+    with Container(path) as container:
+        encodings = container.encodings
+        for tensor in container.manifest.tensors:
+            for i in range(len(tensor.parts)):
+                failures = check_part(container.data, container.part_view(tensor, i), workers)
+                if failures:
+                    raise VerificationError(f"{path}: tensor {tensor.name!r}: {failures[0].describe()}")
+        raw = encodings[container.raw_encoding_index]
+        for label, blob in container.manifest.blobs():
+            if label.startswith("tensor "):
+                continue
+            failures = check_part(container.data, container.blob_view(blob, raw), workers)
+            if failures:
+                raise VerificationError(f"{path}: {label}: {failures[0].describe()}")
+
+
+class _Packer:
+    """The state of one pack run."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        layout: ModelLayout,
+        writer: ContainerWriter,
+        options: PackOptions,
+        workers: Workers,
+        progress: ProgressFn,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.layout = layout
+        self.writer = writer
+        self.workers = workers
+        self.progress = progress
+        self.bf16 = Bf16Split(options.coder, options.chunk_values)
+        self.raw = Raw()
+        self.encodings = [self.bf16.get_config(), self.raw.get_config()]
+        self.stats = {CLASS_EXPERT: ClassStats(), CLASS_DENSE: ClassStats(), "files": ClassStats()}
+        # Tensors in checkpoint order: (file index, offset).
+        self.order = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
+        self.index = {t.name: i for i, (_, t) in enumerate(self.order)}
+        self.parts: dict[str, list[Blob | None]] = {}
+        self.entropy: dict[str, np.ndarray] = {}
+        self.hashes: dict[str, Any] = {}
+        self._buffer = np.empty(0, np.uint8)
+        self._check_buffer = np.empty(0, np.uint8)
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="zipmoe-hash")  # tensor hashes, in order
+        self._file_hasher = ThreadPoolExecutor(1, thread_name_prefix="zipmoe-file-hash")
+
+    # -- buffers ----------------------------------------------------------------------------------------------------
+
+    def _scratch(self, name: str, nbytes: int) -> np.ndarray:
+        buf = getattr(self, name)
+        if buf.size < nbytes:
+            buf = np.empty(max(nbytes, buf.size * 5 // 4), np.uint8)
+            setattr(self, name, buf)
+        return buf[:nbytes]
+
+    # -- one part ---------------------------------------------------------------------------------------------------
+
+    def _encoding_of(self, tensor: SourceTensor) -> tuple[int, Bf16Split | Raw]:
+        return (0, self.bf16) if tensor.dtype == "BF16" else (1, self.raw)
+
+    def _encode_checked(self, data: np.ndarray, encoding: Bf16Split | Raw, label: str) -> EncodedPart:
+        encoded = encode_part(encoding, data, self.workers)
+        view = PartView(encoding, 0, encoded.data.size, data.size, encoded.n_chunks, encoded.directory_xxh64, 0)
+        decoded = self._scratch("_check_buffer", data.size)
+        decode_part(encoded.data, view, decoded, self.workers)
+        if not np.array_equal(decoded, data):
+            first = int(np.flatnonzero(decoded != data)[0])
+            raise VerificationError(f"{label}: byte {first} does not decode to its source (please report this bug)")
+        return encoded
+
+    def _read(self, file_index: int, start: int, nbytes: int) -> np.ndarray:
+        data = self._scratch("_buffer", nbytes)
+        self.checkpoint.files[file_index].read_into(start, data)
+        return data
+
+    def _pack_part(self, file_index: int, tensor: SourceTensor, part: int, n_parts: int, in_record: bool) -> Blob:
+        size = tensor.nbytes // n_parts
+        data = self._read(file_index, tensor.start + part * size, size)
+        hashing: Future[Any] = self._hasher.submit(self._hash_update, tensor.name, data)
+        enc_index, encoding = self._encoding_of(tensor)
+        label = f"{tensor.name}" + (f" part {part}" if n_parts > 1 else "")
+        encoded = self._encode_checked(data, encoding, label)
+        offset = self.writer.write_part(encoded.data) if in_record else self.writer.write_record(encoded.data)
+        hashing.result()  # the buffer is reused by the next part
+        if encoded.exponent_histogram is not None:
+            self.entropy.setdefault(tensor.name, np.zeros(256, np.int64))
+            self.entropy[tensor.name] += encoded.exponent_histogram
+        cls = CLASS_EXPERT if tensor.name in self.layout.experts else CLASS_DENSE
+        self.stats[cls].add(size, encoded.data.size, encoded.exponent_histogram)
+        self.progress(size)
+        return Blob(offset, encoded.data.size, size, encoded.n_chunks, encoded.directory_xxh64)
+
+    def _hash_update(self, name: str, data: np.ndarray) -> None:
+        self.hashes.setdefault(name, hashlib.sha256()).update(data)
+
+    def _pack_raw_bytes(self, data: np.ndarray, label: str) -> Blob:
+        encoded = self._encode_checked(data, self.raw, label)
+        offset = self.writer.write_record(encoded.data)
+        self.stats["files"].add(data.size, encoded.data.size, None)
+        return Blob(offset, encoded.data.size, data.size, encoded.n_chunks, encoded.directory_xxh64)
+
+    # -- the whole file ---------------------------------------------------------------------------------------------
+
+    def run(self) -> Manifest:
+        ckpt = self.checkpoint
+        file_hashes = [self._file_hasher.submit(_sha256_file, f.path) for f in ckpt.files]
+        try:
+            files = self._pack_files()
+            headers = [self._pack_header(i) for i in range(len(ckpt.files))]
+            for file_index, tensor in self.order:
+                if tensor.name not in self.layout.experts:
+                    self.parts[tensor.name] = [self._pack_part(file_index, tensor, 0, 1, in_record=False)]
+                    self.stats[CLASS_DENSE].n_tensors += 1
+            records = self._pack_experts()
+            file_sha = [f.result() for f in file_hashes]
+        finally:
+            self._hasher.shutdown(wait=True)
+            self._file_hasher.shutdown(wait=True, cancel_futures=True)
+        tensors = tuple(self._tensor_entry(file_index, t) for file_index, t in self.order)
+        safetensors = tuple(
+            SafetensorsEntry(f.name, f.nbytes, file_sha[i], header, tuple(segments))
+            for i, (f, (header, segments)) in enumerate(zip(ckpt.files, headers))
+        )
+        classes = {name: s.to_json() for name, s in self.stats.items()}
+        return Manifest(
+            created_by=f"zipmoe {__version__}",
+            source=ckpt.source.to_json(),
+            model=self.layout.to_json(),
+            config=ckpt.config,
+            encodings=tuple(self.encodings),
+            files=files,
+            safetensors=safetensors,
+            tensors=tensors,
+            experts=records,
+            stats={"classes": classes},
+        )
+
+    def _pack_files(self) -> tuple[EmbeddedFile, ...]:
+        out = []
+        for name, role in self.checkpoint.aux_files:
+            data = np.fromfile(self.checkpoint.root / name, dtype=np.uint8)
+            blob = self._pack_raw_bytes(data, name)
+            out.append(EmbeddedFile(name, role, hashlib.sha256(data).hexdigest(), blob))
+            self.progress(data.size)
+        return tuple(out)
+
+    def _pack_header(self, file_index: int) -> tuple[Blob, list[tuple[str, Any]]]:
+        f = self.checkpoint.files[file_index]
+        header = self._pack_raw_bytes(self._read(file_index, 0, f.header_nbytes).copy(), f"header of {f.name}")
+        self.progress(f.header_nbytes)
+        gaps = {
+            start: self._pack_raw_bytes(self._read(file_index, start, end - start).copy(), f"gap in {f.name}")
+            for start, end in f.gaps
+        }
+        segments: list[tuple[str, Any]] = []
+        positions = sorted([(t.start, "tensor", self.index[t.name]) for t in f.tensors] + [(s, "gap", s) for s in gaps])
+        for _, kind, key in positions:
+            segments.append((kind, key if kind == "tensor" else gaps[key]))
+        return header, segments
+
+    def _pack_experts(self) -> tuple[ExpertRecord, ...]:
+        groups: dict[tuple[int, int], list[tuple[int, int, SourceTensor, int, int]]] = {}
+        for file_index, tensor in self.order:
+            placement = self.layout.experts.get(tensor.name)
+            if placement is None:
+                continue
+            self.stats[CLASS_EXPERT].n_tensors += 1
+            if placement.expert is not None:
+                groups.setdefault((placement.layer, placement.expert), []).append((file_index, tensor.start, tensor, 0, 1))
+                self.parts[tensor.name] = [None]
+            else:
+                n = tensor.shape[0]
+                self.parts[tensor.name] = [None] * n
+                for e in range(n):
+                    key = (placement.layer, e)
+                    groups.setdefault(key, []).append((file_index, tensor.start + e * (tensor.nbytes // n), tensor, e, n))
+        records = []
+        for (layer, expert), members in sorted(groups.items()):
+            self.writer.begin_expert()
+            for file_index, _, tensor, part, n_parts in sorted(members, key=lambda m: (m[0], m[1])):
+                self.parts[tensor.name][part] = self._pack_part(file_index, tensor, part, n_parts, in_record=True)
+            offset, nbytes = self.writer.end_expert()
+            member_ids = tuple((self.index[t.name], part) for _, _, t, part, _ in sorted(members, key=lambda m: (m[0], m[1])))
+            records.append(ExpertRecord(layer, expert, offset, nbytes, member_ids))
+        return tuple(records)
+
+    def _tensor_entry(self, file_index: int, tensor: SourceTensor) -> TensorEntry:
+        placement = self.layout.experts.get(tensor.name)
+        parts = self.parts[tensor.name]
+        assert all(p is not None for p in parts), tensor.name
+        histogram = self.entropy.get(tensor.name)
+        return TensorEntry(
+            name=tensor.name,
+            dtype=tensor.dtype,
+            shape=tensor.shape,
+            tensor_class=CLASS_EXPERT if placement else CLASS_DENSE,
+            file=file_index,
+            sha256=self.hashes.get(tensor.name, hashlib.sha256()).hexdigest(),
+            encoding=self._encoding_of(tensor)[0],
+            parts=tuple(p for p in parts if p is not None),
+            layer=placement.layer if placement else None,
+            expert=placement.expert if placement else None,
+            fused=bool(placement and placement.expert is None),
+            exponent_entropy=entropy_bits(histogram) if histogram is not None else None,
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(memoryview(buf)[:n])
+    return digest.hexdigest()

@@ -1,0 +1,109 @@
+"""`inspect`: what a container holds, section by section, without decoding anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from zipmoe.codecs.bf16 import entropy_bits
+from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, HEADER_NBYTES
+from zipmoe.formats.reader import Container
+
+
+@dataclass(frozen=True)
+class Section:
+    """One row of the size table."""
+
+    name: str
+    count: int
+    source_bytes: int
+    stored_bytes: int
+    exponent_entropy: float | None = None  # bits per BF16 value
+
+    @property
+    def ratio(self) -> float | None:
+        return self.stored_bytes / self.source_bytes if self.source_bytes else None
+
+    @property
+    def bound(self) -> float | None:
+        """Order-0 entropy bound of the BF16 split: (8 + H_exponent) / 16."""
+        return None if self.exponent_entropy is None else (8 + self.exponent_entropy) / 16
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": self.count,
+            "source_bytes": self.source_bytes,
+            "stored_bytes": self.stored_bytes,
+            "ratio": self.ratio,
+            "exponent_entropy": self.exponent_entropy,
+            "entropy_bound": self.bound,
+        }
+
+
+def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
+    """A JSON-able description of a container: source, model, codecs and sizes per section."""
+    m, h = container.manifest, container.header
+    sections = []
+    for cls, label in ((CLASS_EXPERT, "expert tensors"), (CLASS_DENSE, "dense tensors")):
+        members = [t for t in m.tensors if t.tensor_class == cls]
+        bf16 = [t for t in members if t.dtype == "BF16"]
+        other = [t for t in members if t.dtype != "BF16"]
+        if bf16:
+            histogram = np.asarray(m.stats.get("classes", {}).get(cls, {}).get("exponent_histogram", []), np.int64)
+            entropy = entropy_bits(histogram) if histogram.size == 256 else None
+            sections.append(_section(f"{label} (BF16)", bf16, entropy))
+        if other:
+            sections.append(_section(f"{label} (other dtypes)", other, None))
+    file_blobs = [f.blob for f in m.files] + [s.header for s in m.safetensors]
+    file_blobs += [v for s in m.safetensors for kind, v in s.segments if kind == "gap"]
+    sections.append(
+        Section("files and safetensors headers", len(file_blobs), sum(b.size for b in file_blobs), sum(b.nbytes for b in file_blobs))
+    )
+    stored = sum(s.stored_bytes for s in sections)
+    sections.append(Section("manifest", 1, 0, h.manifest_nbytes))
+    padding = h.file_nbytes - stored - h.manifest_nbytes - HEADER_NBYTES
+    sections.append(Section("header and alignment padding", 1, 0, HEADER_NBYTES + padding))
+    source_bytes = sum(s.nbytes for s in m.safetensors) + sum(f.blob.size for f in m.files)
+    total = Section("total", len(m.tensors), source_bytes, h.file_nbytes)
+    encodings = sorted({container.encodings[t.encoding].label for t in m.tensors})
+    doc: dict[str, Any] = {
+        "path": str(container.path),
+        "format_version": h.format_version,
+        "created_by": m.created_by,
+        "file_bytes": h.file_nbytes,
+        "source": m.source,
+        "model": m.model,
+        "encodings": [dict(c) for c in m.encodings],
+        "encoding_labels": encodings,
+        "n_tensors": len(m.tensors),
+        "n_expert_records": len(m.experts),
+        "files": [{"name": f.name, "role": f.role, "bytes": f.blob.size} for f in m.files],
+        "safetensors": [{"name": s.name, "bytes": s.nbytes, "sha256": s.sha256} for s in m.safetensors],
+        "sections": [s.to_json() for s in sections] + [total.to_json()],
+    }
+    if tensors:
+        doc["tensors"] = [
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "class": t.tensor_class,
+                "layer": t.layer,
+                "expert": t.expert,
+                "fused": t.fused,
+                "source_bytes": t.size,
+                "stored_bytes": t.nbytes,
+                "ratio": t.nbytes / t.size if t.size else None,
+                "exponent_entropy": t.exponent_entropy,
+                "encoding": container.encodings[t.encoding].label,
+            }
+            for t in m.tensors
+        ]
+    return doc
+
+
+def _section(name: str, tensors: list, entropy: float | None) -> Section:
+    return Section(name, len(tensors), sum(t.size for t in tensors), sum(t.nbytes for t in tensors), entropy)

@@ -1,0 +1,206 @@
+"""`verify`: prove a container is intact and decodes to exactly what was packed.
+
+Checks, in order: the structure (header, manifest, record layout: done by opening), that alignment padding is all
+zero bytes, every checksum of every chunk, that every tensor decodes to bytes whose SHA-256 is the recorded source
+hash, and, given the source checkpoint, that every tensor equals the source tensor bit for bit. Every failure is
+recorded with the tensor, the chunk and the file offset; verification goes on past the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zipmoe._threads import Workers
+from zipmoe.codecs.parts import check_part, decode_part
+from zipmoe.errors import ZipmoeError
+from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
+from zipmoe.formats.manifest import TensorEntry
+from zipmoe.formats.reader import Container
+
+_SCAN_BLOCK = 64 << 20
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked and what it found."""
+
+    path: Path
+    n_tensors: int = 0
+    n_parts: int = 0
+    n_chunks: int = 0
+    n_files: int = 0
+    decoded_bytes: int = 0
+    source: str | None = None  # the checkpoint compared against, if any
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "ok": self.ok,
+            "tensors": self.n_tensors,
+            "parts": self.n_parts,
+            "chunks": self.n_chunks,
+            "files": self.n_files,
+            "decoded_bytes": self.decoded_bytes,
+            "source": self.source,
+            "failures": self.failures,
+        }
+
+
+def verify(
+    path: Path,
+    source: str | None = None,
+    *,
+    threads: int | None = None,
+    progress_start: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Verify a container; see the module docstring.
+
+    Args:
+        path: the container.
+        source: a checkpoint directory or Hub id to compare with bit for bit.
+        threads: worker threads.
+        progress_start: called once with the number of bytes to decode.
+        progress: called with the number of bytes just decoded.
+
+    Returns:
+        A `VerifyReport`; ``report.ok`` is False when anything failed.
+
+    Raises:
+        FormatError: the container cannot be opened at all (bad magic, version, truncated, corrupt manifest).
+        CheckpointError: ``source`` cannot be read.
+    """
+    report = VerifyReport(Path(path))
+    progress = progress or (lambda n: None)
+    checkpoint = open_checkpoint(source) if source is not None else None
+    with Container(path) as container, Workers(threads) as workers:
+        if checkpoint is not None:
+            report.source = checkpoint.source.describe()
+            _compare_inventory(container, checkpoint, report)
+        if progress_start:
+            progress_start(sum(t.size for t in container.manifest.tensors))
+        _check_padding(container, report)
+        _check_files(container, report, workers)
+        buffer = np.empty(0, np.uint8)
+        source_buffer = np.empty(0, np.uint8)
+        for tensor in container.manifest.tensors:
+            if buffer.size < tensor.size:
+                buffer = np.empty(tensor.size, np.uint8)
+                source_buffer = np.empty(tensor.size, np.uint8) if checkpoint else source_buffer
+            _check_tensor(container, tensor, buffer[: tensor.size], checkpoint, source_buffer, report, workers)
+            progress(tensor.size)
+    return report
+
+
+def _compare_inventory(container: Container, checkpoint: Checkpoint, report: VerifyReport) -> None:
+    stored = set(container.tensors)
+    present = set(checkpoint.tensors)
+    for name in sorted(present - stored)[:20]:
+        report.failures.append(f"tensor {name!r}: in the source checkpoint but not in the container")
+    for name in sorted(stored - present)[:20]:
+        report.failures.append(f"tensor {name!r}: in the container but not in the source checkpoint")
+
+
+def _check_padding(container: Container, report: VerifyReport) -> None:
+    data = container.data
+    for start, end in container.padding_ranges():
+        for block in range(start, end, _SCAN_BLOCK):
+            chunk = data[block : min(end, block + _SCAN_BLOCK)]
+            if chunk.any():
+                first = block + int(np.flatnonzero(chunk)[0])
+                report.failures.append(f"padding: nonzero byte at file offset {first} (in padding {start}..{end - 1})")
+                break
+
+
+def _check_files(container: Container, report: VerifyReport, workers: Workers) -> None:
+    raw = container.encodings[container.raw_encoding_index]
+    for label, blob in container.manifest.blobs():
+        if label.startswith("tensor "):
+            continue
+        report.n_files += 1
+        report.n_chunks += blob.n_chunks
+        failures = check_part(container.data, container.blob_view(blob, raw), workers)
+        report.failures += [f"{label}: {f.describe()}" for f in failures]
+    for f in container.manifest.files:
+        try:
+            data = container.read_file(f.name)
+        except ZipmoeError as exc:
+            report.failures.append(str(exc))
+            continue
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            report.failures.append(f"file {f.name!r}: SHA-256 differs from the recorded one")
+
+
+def _check_tensor(
+    container: Container,
+    tensor: TensorEntry,
+    out: np.ndarray,
+    checkpoint: Checkpoint | None,
+    source_buffer: np.ndarray,
+    report: VerifyReport,
+    workers: Workers,
+) -> None:
+    report.n_tensors += 1
+    digest = hashlib.sha256()
+    position = 0
+    intact = True
+    for index, blob in enumerate(tensor.parts):
+        label = f"tensor {tensor.name!r}" + (f" part {index}" if tensor.fused else "")
+        report.n_parts += 1
+        report.n_chunks += blob.n_chunks
+        view = container.part_view(tensor, index)
+        failures = check_part(container.data, view, workers)
+        if failures:
+            report.failures += [f"{label}: {f.describe()}" for f in failures]
+            intact = False
+            position += blob.size
+            continue
+        part_out = out[position : position + blob.size]
+        try:
+            decode_part(container.data, view, part_out, workers, check=False)
+        except ZipmoeError as exc:
+            report.failures.append(f"{label}: {exc}")
+            intact = False
+        digest.update(part_out)
+        position += blob.size
+    report.decoded_bytes += position
+    if not intact:
+        return
+    if digest.hexdigest() != tensor.sha256:
+        report.failures.append(f"tensor {tensor.name!r}: decoded bytes do not match the recorded source SHA-256")
+    if checkpoint is not None and tensor.name in checkpoint.tensors:
+        file_index, source = checkpoint.tensors[tensor.name]
+        if source.dtype != tensor.dtype or source.shape != tensor.shape:
+            report.failures.append(
+                f"tensor {tensor.name!r}: source is {source.dtype} {list(source.shape)}, "
+                f"container has {tensor.dtype} {list(tensor.shape)}"
+            )
+            return
+        expected = source_buffer[: source.nbytes]
+        checkpoint.files[file_index].read_into(source.start, expected)
+        if not np.array_equal(expected, out):
+            report.failures.append(f"tensor {tensor.name!r}: {first_difference(expected, out, tensor.dtype)}")
+
+
+def first_difference(expected: np.ndarray, got: np.ndarray, dtype: str) -> str:
+    """Describe the first differing element of two byte buffers (as 16-bit words for 16-bit dtypes)."""
+    width = 2 if dtype in ("BF16", "F16", "I16", "U16") and expected.size % 2 == 0 else 1
+    a = expected.view(np.uint16 if width == 2 else np.uint8)
+    b = got.view(np.uint16 if width == 2 else np.uint8)
+    index = int(np.flatnonzero(a != b)[0])
+    bits = bin(int(a[index]) ^ int(b[index])).count("1")
+    digits = 2 * width
+    return (
+        f"differs from the source at element {index}: expected 0x{int(a[index]):0{digits}x}, "
+        f"got 0x{int(b[index]):0{digits}x} ({bits} bit{'s' if bits != 1 else ''} differ)"
+    )
