@@ -174,6 +174,19 @@ def _find_bad_chunks(buf, starts, sizes, expected, first, last, bad):  # pragma:
     return n_bad
 
 
+@njit(nogil=True, cache=True)
+def _find_bad_padding(buf, starts, sizes, first, last, bad):  # pragma: no cover - compiled
+    """Flag chunks whose payload is followed by nonzero padding (up to the next multiple of 8); count them."""
+    n_bad = 0
+    for c in range(first, last):
+        end = starts[c] + sizes[c]
+        for i in range(end, (end + 7) & ~7):
+            if buf[i] != 0:
+                bad[c] = True
+        n_bad += bad[c]
+    return n_bad
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Encoding
 
@@ -307,6 +320,10 @@ class _Layout:
         n = part.n_chunks
         self.bad_payload = np.zeros(n, np.bool_)
         self.bad_plain = np.zeros(n, np.bool_) if self.plain_starts is not None else None
+        self.bad_padding = np.zeros(n, np.bool_)
+        if self.plain_starts is not None and n:  # the zero bytes after the sign-mantissa plane belong to the last chunk
+            plane_end = self.sm_start + part.size // 2
+            self.bad_padding[-1] = bool(buf[plane_end : (plane_end + 7) & ~7].any())
         # Chunks per task: enough work (~256K values or 1 MiB) to outweigh handing a task to a thread.
         self.min_chunks = max(1, (1 << 18) // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
 
@@ -316,6 +333,7 @@ class _Layout:
         n_bad = _find_bad_chunks(buf, self.payload_starts, self.payload_sizes, d["payload_xxh64"], first, last, self.bad_payload)
         if self.bad_plain is not None:
             n_bad += _find_bad_chunks(buf, self.plain_starts, self.plain_sizes, d["plain_xxh64"], first, last, self.bad_plain)
+            n_bad += _find_bad_padding(buf, self.payload_starts, self.payload_sizes, first, last, self.bad_padding)
         return n_bad
 
 
@@ -341,6 +359,10 @@ def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
             ChunkFailure(int(c), "sign-mantissa bytes", int(layout.plain_starts[c]) + to_file)
             for c in np.flatnonzero(layout.bad_plain)
         ]
+    failures += [
+        ChunkFailure(int(c), "padding", int(layout.payload_starts[c]) + to_file, "nonzero alignment padding")
+        for c in np.flatnonzero(layout.bad_padding)
+    ]
     return sorted(failures, key=lambda f: (f.chunk, f.stream))
 
 

@@ -1,0 +1,135 @@
+"""Shared fixtures: locally built checkpoints (no network), hypothesis profiles, helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub: tests never reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("expensive", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Tiny configs of every family zipmoe recognises, as transformers builds them.
+COMMON = dict(
+    vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=64, intermediate_size=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         intermediate_size=64, head_dim=16)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
+                                             kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, intermediate_size=64, first_k_dense_replace=1,
+                                             kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1)),
+}  # fmt: skip
+N_EXPERTS = 4
+
+
+def build_family(family: str, out: Path, *, fused: bool = False, max_shard_size: str | None = None) -> Path:
+    """A random-init BF16 checkpoint of ``family`` written by transformers (``save_pretrained``), or, with
+    ``fused``, its in-memory state dict (fused 3-D expert tensors) written with safetensors."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, cls)(**COMMON, **kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if fused:
+        out.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(out)
+    elif max_shard_size:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> "CheckpointFactory":
+    return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
+
+
+class CheckpointFactory:
+    """Builds each checkpoint once per session; tests get a private copy when they intend to modify it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def family(self, family: str, *, fused: bool = False, max_shard_size: str | None = None) -> Path:
+        name = family + ("-fused" if fused else "") + (f"-sharded-{max_shard_size}" if max_shard_size else "")
+        path = self.root / name
+        if not path.exists():
+            build_family(family, path, fused=fused, max_shard_size=max_shard_size)
+        return path
+
+    def demo(self, preset: str = "tiny") -> Path:
+        from zipmoe.demo import build_demo_checkpoint
+
+        path = self.root / f"demo-{preset}"
+        if not path.exists():
+            build_demo_checkpoint(path, preset)
+        return path
+
+    def packed(self, source: Path, **options) -> Path:
+        """The container of ``source`` packed with default options (cached)."""
+        from zipmoe.pack import PackOptions, pack
+
+        out = self.root / (source.name + ".zmoe")
+        if not out.exists():
+            pack(str(source), out, PackOptions(**options))
+        return out
+
+
+def copy_of(path: Path, tmp_path: Path) -> Path:
+    """A private copy of a file or directory."""
+    target = tmp_path / path.name
+    if path.is_dir():
+        shutil.copytree(path, target)
+    else:
+        shutil.copy(path, target)
+    return target
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]], *, metadata=None,
+                      header_suffix: bytes = b"", data_prefix: bytes = b"", data_suffix: bytes = b"") -> Path:
+    """A safetensors file written by hand (any dtype, optional holes), to test what real writers may produce."""
+    header: dict = {}
+    data = bytearray(data_prefix)
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header).encode() + header_suffix
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data) + data_suffix)
+    return path
+
+
+def bf16_bytes(shape: tuple[int, ...], seed: int = 0, std: float = 0.02) -> bytes:
+    """Random BF16 values (round-to-nearest-even from float32) as little-endian bytes."""
+    rng = np.random.default_rng(seed)
+    f32 = (rng.standard_normal(int(np.prod(shape))) * std).astype(np.float32).view(np.uint32)
+    return ((f32 + 0x7FFF + ((f32 >> 16) & 1)) >> 16).astype("<u2").tobytes()
