@@ -167,7 +167,7 @@ def test_a_flipped_bit_anywhere_is_caught_with_its_location(damaged):
     """Flip one bit at offsets spread over every region of the file; verify must fail every time."""
     size = damaged.stat().st_size
     with Container(damaged) as c:
-        blobs = [b for _, b in c.manifest.blobs()]
+        blobs = [b for _, b, _ in c.manifest.blobs()]
         interesting = {0, 8, 12, 55, 63, 64, 4095, c.header.manifest_offset, size - 1}
         for b in blobs[:: max(1, len(blobs) // 12)]:
             interesting |= {b.offset, b.offset + 24 * b.n_chunks - 1, b.offset + b.nbytes // 2, b.offset + b.nbytes - 1}

@@ -195,17 +195,9 @@ def pack(
 def _check_written(path: Path, workers: Workers) -> None:
     """Re-open the finished (unpublished) file and check its structure and every checksum from disk."""
     with Container(path) as container:
-        encodings = container.encodings
-        for tensor in container.manifest.tensors:
-            for i in range(len(tensor.parts)):
-                failures = check_part(container.data, container.part_view(tensor, i), workers)
-                if failures:
-                    raise VerificationError(f"{path}: tensor {tensor.name!r}: {failures[0].describe()}")
-        raw = encodings[container.raw_encoding_index]
-        for label, blob in container.manifest.blobs():
-            if label.startswith("tensor "):
-                continue
-            failures = check_part(container.data, container.blob_view(blob, raw), workers)
+        for label, view in container.stored_blobs():
+            failures = check_part(container.data, view, workers)
+            container.release(view.offset, view.nbytes)
             if failures:
                 raise VerificationError(f"{path}: {label}: {failures[0].describe()}")
 

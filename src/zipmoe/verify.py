@@ -116,16 +116,19 @@ def _check_padding(container: Container, report: VerifyReport) -> None:
     for start, end in container.padding_ranges():
         for block in range(start, end, _SCAN_BLOCK):
             chunk = data[block : min(end, block + _SCAN_BLOCK)]
-            if chunk.any():
+            nonzero = chunk.any()
+            if nonzero:
                 first = block + int(np.flatnonzero(chunk)[0])
                 report.failures.append(f"padding: nonzero byte at file offset {first} (in padding {start}..{end - 1})")
+            container.release(block, chunk.size)
+            if nonzero:
                 break
 
 
 def _check_files(container: Container, report: VerifyReport, workers: Workers) -> None:
     raw = container.encodings[container.raw_encoding_index]
-    for label, blob in container.manifest.blobs():
-        if label.startswith("tensor "):
+    for label, blob, encoding in container.manifest.blobs():
+        if encoding is not None:  # tensor parts are checked with their tensor
             continue
         report.n_files += 1
         report.n_chunks += blob.n_chunks
@@ -172,6 +175,7 @@ def _check_tensor(
             report.failures.append(f"{label}: {exc}")
             intact = False
         digest.update(part_out)
+        container.release(blob.offset, blob.nbytes)
         position += blob.size
     report.decoded_bytes += position
     if not intact:

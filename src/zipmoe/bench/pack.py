@@ -20,11 +20,13 @@ from typing import Any
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint
 
+# A child that imports what pack imports and runs its kernels once on a small buffer, then reports its peak.
 _BASELINE_RSS = (
-    "import resource, numpy as np; from zipmoe.pack import pack; from zipmoe.codecs import rans, parts;"
-    "from zipmoe._threads import Workers;"
-    "parts.encode_part(parts.Bf16Split(), np.zeros(1 << 17, np.uint8), Workers(1));"
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    "import numpy as np; import zipmoe.cli.app; from zipmoe.codecs import parts; from zipmoe._threads import Workers;"
+    "from zipmoe._memory import peak_rss_bytes; w = Workers(1); d = np.zeros(1 << 17, np.uint8);"
+    "p = parts.encode_part(parts.Bf16Split(), d, w);"
+    "parts.decode_part(p.data, parts.PartView(parts.Bf16Split(), 0, p.data.size, d.size, p.n_chunks, p.directory_xxh64, 0), d, w);"
+    "print(peak_rss_bytes())"
 )
 
 

@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 if not stdout.is_terminal:  # piped or captured: wide enough that tables keep one line per row
     stdout.width = max(stdout.width, 120)
 

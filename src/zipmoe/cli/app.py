@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("ZIPMOE_DEBUG"):
             raise
         message = str(exc) if isinstance(exc, ZipmoeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-        stderr.print(f"[red]Error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+        stderr.print(f"[red]Error:[/red] {message}")
         sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):
         stderr.print("Interrupted.")

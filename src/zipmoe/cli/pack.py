@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from zipmoe._memory import peak_rss_bytes
 from zipmoe.cli._options import ForceOpt, JsonOpt, QuietOpt, SourceArg, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, print_json, progress_bar, stdout, table, warn
 from zipmoe.codecs.coders import parse_coder
@@ -55,7 +55,7 @@ def command(
         result = run_pack(
             source, output, options, progress_start=start, progress=advance, warn=None if quiet else warn
         )
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     if json_output:
         print_json(
             {

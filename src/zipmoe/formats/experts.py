@@ -27,16 +27,17 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
-    n_experts_key: str
+    n_experts_keys: tuple[str, ...]  # config.json keys that may hold the number of routed experts, first wins
 
 
 FAMILIES = (
-    Family("mixtral", ("mixtral",), "num_local_experts"),
-    Family("qwen2_moe", ("qwen2_moe",), "num_experts"),
-    Family("qwen3_moe", ("qwen3_moe",), "num_experts"),
-    Family("olmoe", ("olmoe",), "num_experts"),
-    Family("deepseek_v2", ("deepseek_v2",), "n_routed_experts"),
-    Family("deepseek_v3", ("deepseek_v3",), "n_routed_experts"),
+    Family("mixtral", ("mixtral",), ("num_local_experts",)),
+    Family("qwen2_moe", ("qwen2_moe",), ("num_experts",)),
+    # Hub configs say num_experts; transformers 5 saves num_local_experts.
+    Family("qwen3_moe", ("qwen3_moe",), ("num_experts", "num_local_experts")),
+    Family("olmoe", ("olmoe",), ("num_experts",)),
+    Family("deepseek_v2", ("deepseek_v2",), ("n_routed_experts",)),
+    Family("deepseek_v3", ("deepseek_v3",), ("n_routed_experts",)),
 )
 
 _PER_EXPERT = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.+\.)?experts\.(?P<expert>\d+)\.(?P<member>.+)$")
@@ -85,9 +86,10 @@ def classify(config: dict[str, Any] | None, tensors: list[SourceTensor]) -> Mode
         what = "no config.json" if config is None else f"unknown architecture {model_type!r}"
         warning = f"{what} (known: {known}); packing all {len(tensors)} tensors losslessly as dense"
         return ModelLayout(model_type, None, n_layers, None, {}, (warning,))
-    n_experts = config.get(family.n_experts_key) if config else None
+    key = next((k for k in family.n_experts_keys if k in config), family.n_experts_keys[0])
+    n_experts = config.get(key)
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
-        warning = f"config.json has no valid {family.n_experts_key!r}; packing all tensors losslessly as dense"
+        warning = f"config.json has no valid {key!r}; packing all tensors losslessly as dense"
         return ModelLayout(model_type, family.name, n_layers, None, {}, (warning,))
 
     experts: dict[str, ExpertTensor] = {}
@@ -98,7 +100,7 @@ def classify(config: dict[str, Any] | None, tensors: list[SourceTensor]) -> Mode
             if expert < n_experts:
                 experts[t.name] = ExpertTensor(int(m["layer"]), expert)
             else:
-                warnings.append(f"{t.name}: expert {expert} >= {family.n_experts_key}={n_experts}; stored as dense")
+                warnings.append(f"{t.name}: expert {expert} >= {key}={n_experts}; stored as dense")
         elif m := _FUSED.match(t.name):
             if t.shape and t.shape[0] == n_experts and t.nbytes % n_experts == 0:
                 experts[t.name] = ExpertTensor(int(m["layer"]), None)

@@ -178,18 +178,18 @@ class Manifest:
     def encoding(self, index: int) -> Encoding:
         return encoding_from_config(self.encodings[index])
 
-    def blobs(self) -> Iterator[tuple[str, Blob]]:
-        """Every stored blob with a label for messages."""
+    def blobs(self) -> Iterator[tuple[str, Blob, int | None]]:
+        """Every stored blob: a label for messages, the blob, its encoding index (None: raw bytes of a file)."""
         for f in self.files:
-            yield f"file {f.name!r}", f.blob
+            yield f"file {f.name!r}", f.blob, None
         for s in self.safetensors:
-            yield f"header of {s.name!r}", s.header
+            yield f"header of {s.name!r}", s.header, None
             for i, (kind, value) in enumerate(s.segments):
                 if kind == "gap":
-                    yield f"gap {i} of {s.name!r}", value
+                    yield f"gap {i} of {s.name!r}", value, None
         for t in self.tensors:
             for i, p in enumerate(t.parts):
-                yield (f"tensor {t.name!r} part {i}" if t.fused else f"tensor {t.name!r}"), p
+                yield (f"tensor {t.name!r} part {i}" if t.fused else f"tensor {t.name!r}"), p, t.encoding
 
     @classmethod
     def from_json_bytes(cls, data: bytes, name: str) -> Manifest:

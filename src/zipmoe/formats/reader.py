@@ -7,7 +7,9 @@ is asked for. Every decode checks the chunk checksums unless told not to.
 
 from __future__ import annotations
 
+import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -174,8 +176,23 @@ class Container:
 
     @cached_property
     def data(self) -> np.ndarray:
-        """The whole file, memory-mapped read-only."""
-        return np.memmap(self.path, dtype=np.uint8, mode="r")
+        """The whole file, memory-mapped read-only (uint8); slices are zero-copy views."""
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._mmap, dtype=np.uint8)
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop the mapped pages of a byte range from this process's resident memory.
+
+        The bytes stay in the page cache and stay readable; a scan over the whole file that releases what it has
+        read keeps its memory bounded by what it holds at once, not by the size of the file.
+        """
+        if "data" not in self.__dict__ or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(offset + nbytes, self.header.file_nbytes)
+        if end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def part_view(self, tensor: TensorEntry, part: int, base: int = 0) -> PartView:
         """Where part ``part`` of ``tensor`` lies in a buffer that starts at file offset ``base``."""
@@ -184,6 +201,12 @@ class Container:
 
     def blob_view(self, blob: Blob, encoding: Encoding, base: int = 0) -> PartView:
         return PartView(encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset)
+
+    def stored_blobs(self) -> Iterator[tuple[str, PartView]]:
+        """Every stored blob of the file (tensor parts, embedded files, headers, gaps) with a label, as part views."""
+        for label, blob, encoding in self.manifest.blobs():
+            index = self.raw_encoding_index if encoding is None else encoding
+            yield label, self.blob_view(blob, self.encodings[index])
 
     def tensor(self, name: str) -> TensorEntry:
         try:
@@ -262,7 +285,7 @@ class Container:
         """Byte ranges that no stored blob covers (alignment padding); in a valid file they are all zero."""
         ranges = []
         position = HEADER_NBYTES
-        for start, end in sorted((b.offset, b.offset + b.nbytes) for _, b in self.manifest.blobs()):
+        for start, end in sorted((b.offset, b.offset + b.nbytes) for _, b, _ in self.manifest.blobs()):
             if start > position:
                 ranges.append((position, start))
             position = max(position, end)
@@ -271,9 +294,12 @@ class Container:
         return ranges
 
     def close(self) -> None:
-        data = self.__dict__.pop("data", None)
-        if data is not None:
-            data._mmap.close()  # type: ignore[attr-defined]
+        """Unmap the file (views handed out earlier keep the mapping alive until they are gone)."""
+        if self.__dict__.pop("data", None) is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with it
+                pass
 
     def __enter__(self) -> Container:
         return self

@@ -1,0 +1,126 @@
+"""The command line: results on stdout, one-line errors on stderr with exit status 1, never a traceback."""
+
+import json
+
+import pytest
+
+from zipmoe.cli.app import main
+from zipmoe.formats.reader import Container
+
+from conftest import copy_of
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 1
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("zipmoe ")
+
+
+def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
+    source = checkpoints.demo("tiny")
+    out = tmp_path / "m.zmoe"
+    code, stdout, _ = run(capsys, "pack", str(source), "-o", str(out), "--json")
+    assert code == 0
+    doc = json.loads(stdout)
+    assert doc["expert_records"] == 8 and doc["verified"] and 0.6 < doc["classes"]["expert"]["stored_bytes"] / doc["classes"]["expert"]["source_bytes"] < 0.7
+
+    code, stdout, _ = run(capsys, "verify", str(out), "--source", str(source))
+    assert code == 0 and stdout.startswith("OK ")
+
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json", "--tensors")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["n_expert_records"] == 8 and len(doc["tensors"]) == doc["n_tensors"]
+    expert = next(s for s in doc["sections"] if s["name"] == "expert tensors (BF16)")
+    assert expert["entropy_bound"] < expert["ratio"] < expert["entropy_bound"] + 0.01
+
+    code, stdout, _ = run(capsys, "inspect", str(out))
+    assert code == 0 and "expert tensors (BF16)" in stdout and "bound (8+H)/16" in stdout
+
+    code, stdout, _ = run(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
+    assert code == 0 and "SHA-256 equal" in stdout
+    code, _, err = run(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
+    assert_one_line_error(code, err, "exists (use --force to overwrite)")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["pack", "/no/such/dir"], ["no such directory"]),
+        (["pack", "{tmp}"], ["no *.safetensors files"]),
+        (["pack", "{tiny}", "-o", "{tmp}/missing/x.zmoe"], ["does not exist"]),
+        (["pack", "{tiny}", "--coder", "brotli", "-o", "{tmp}/x.zmoe"], ["unknown exponent coder 'brotli'"]),
+        (["pack", "{tiny}", "--chunk-values", "100", "-o", "{tmp}/x.zmoe"], ["chunk_values must be a multiple of 64"]),
+        (["verify", "{tmp}/absent.zmoe"], ["no such file"]),
+        (["inspect", "{tiny}/config.json"], ["not a zipmoe container"]),
+        (["demo-checkpoint", "{tiny}"], ["is not empty"]),
+    ],
+)
+def test_bad_input(capsys, checkpoints, tmp_path, args, fragments):
+    tiny = checkpoints.demo("tiny")
+    args = [a.format(tmp=tmp_path, tiny=tiny) for a in args]
+    code, _, err = run(capsys, *args)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_verify_reports_corruption_and_exits_1(capsys, checkpoints, tmp_path):
+    packed = copy_of(checkpoints.packed(checkpoints.demo("tiny")), tmp_path)
+    with Container(packed) as c:
+        tensor = next(t for t in c.manifest.tensors if t.tensor_class == "expert")
+        offset = tensor.parts[0].offset + tensor.parts[0].nbytes - 20
+    data = bytearray(packed.read_bytes())
+    data[offset] ^= 0x20
+    packed.write_bytes(bytes(data))
+    code, stdout, err = run(capsys, "verify", str(packed))
+    assert code == 1
+    assert f"FAIL tensor {tensor.name!r}: chunk 0 exponent payload: checksum mismatch" in stdout
+    assert "1 problem(s) found" in err and "Traceback" not in err
+
+    code, _, err = run(capsys, "unpack", str(packed), "-o", str(tmp_path / "out"))
+    assert_one_line_error(code, err, tensor.name, "checksum mismatch", "file offset")
+
+
+def test_truncated_and_wrong_magic(capsys, checkpoints, tmp_path):
+    packed = copy_of(checkpoints.packed(checkpoints.demo("tiny")), tmp_path)
+    data = packed.read_bytes()
+    packed.write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "verify", str(packed))
+    assert_one_line_error(code, err, "truncated", f"the file is {len(data) // 2} bytes, its header says {len(data)}")
+    packed.write_bytes(b"GGUF" + data[4:])
+    code, _, err = run(capsys, "inspect", str(packed))
+    assert_one_line_error(code, err, "not a zipmoe container (bad magic")
+
+
+def test_bench_codecs_json(capsys, checkpoints):
+    code, stdout, _ = run(
+        capsys, "bench", "codecs", str(checkpoints.demo("tiny")), "--coders", "rans,zstd:1", "--chunk-values", "4096,16384",
+        "--repeat", "1", "--threads", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    doc = json.loads(stdout)
+    methods = [(r["method"], r["chunk_values"]) for r in doc["rows"]]
+    assert ("rans", 4096) in methods and ("zstd-1", 65536) in methods and ("zipnn", None) in methods
+    assert doc["threads"] == [1, 2]
+    rans = next(r for r in doc["rows"] if r["method"] == "rans" and r["chunk_values"] == 16384)
+    assert doc["entropy_bound"] < rans["ratio"] < doc["entropy_bound"] + 0.02
+    assert set(rans["decode_gbps"]) == {"1", "2"}
+
+
+def test_bench_pack_json(capsys, checkpoints):
+    code, stdout, _ = run(capsys, "bench", "pack", str(checkpoints.demo("tiny")), "--repeat", "1", "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["pack_mbps"] > 0 and doc["peak_rss_bytes"] > doc["baseline_rss_bytes"] > 0
