@@ -1,0 +1,81 @@
+"""Write the golden fixtures of the current format version, only if they are missing.
+
+    python tests/golden/make_golden.py
+
+Fixtures are never regenerated in place: a change of format adds a new version folder (v2/ ...), and the tests keep
+reading every older one. The source checkpoint is built with numpy from fixed seeds, so it does not depend on torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from zipmoe.codecs.coders import RansCoder
+from zipmoe.formats.constants import FORMAT_VERSION
+from zipmoe.pack import PackOptions, pack
+
+HERE = Path(__file__).parent / f"v{FORMAT_VERSION}"
+CHUNK_VALUES = 1024  # several chunks per tensor, with tails
+
+
+def bf16(values: np.ndarray) -> bytes:
+    bits = values.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def source_tensors() -> dict[str, tuple[str, list[int], bytes]]:
+    rng = np.random.default_rng(1234)
+    tensors: dict[str, tuple[str, list[int], bytes]] = {
+        "model.embed_tokens.weight": ("BF16", [40, 32], bf16(rng.standard_normal((40, 32)) * 0.02)),
+        "model.norm.weight": ("BF16", [32], bf16(np.ones(32))),  # a constant chunk
+        "model.layers.0.block_sparse_moe.gate.weight": ("F32", [2, 32], rng.standard_normal((2, 32)).astype("<f4").tobytes()),
+        "model.noise": ("BF16", [700], rng.integers(0, 1 << 16, 700, dtype=np.uint16).astype("<u2").tobytes()),  # stored mode
+        "model.steps": ("I64", [3], np.array([1, -2, 3], "<i8").tobytes()),
+    }
+    for layer in range(2):
+        for expert in range(2):
+            for w, shape in (("w1", [48, 32]), ("w2", [32, 48]), ("w3", [48, 32])):
+                name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+                tensors[name] = ("BF16", shape, bf16(rng.standard_normal(shape) * 0.02))
+    return tensors
+
+
+def write_source(root: Path) -> None:
+    root.mkdir(parents=True)
+    config = {"model_type": "mixtral", "num_local_experts": 2, "num_hidden_layers": 2, "hidden_size": 32}
+    (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (root / "tokenizer_config.json").write_text('{"bos_token": "<s>"}\n')
+    header, data = {}, bytearray()
+    for name, (dtype, shape, raw) in source_tensors().items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data))
+
+
+def main() -> int:
+    container = HERE / "micro.zmoe"
+    if container.exists():
+        print(f"{container} exists; golden fixtures are never regenerated in place")
+        return 0
+    write_source(HERE / "source")
+    pack(str(HERE / "source"), container, PackOptions(coder=RansCoder(), chunk_values=CHUNK_VALUES, threads=1))
+    expected = {
+        "pack_options": {"coder": "rans", "chunk_values": CHUNK_VALUES},
+        "tensor_sha256": {n: hashlib.sha256(raw).hexdigest() for n, (_, _, raw) in source_tensors().items()},
+    }
+    (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {container}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
