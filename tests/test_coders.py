@@ -13,7 +13,7 @@ def test_registry():
 @pytest.mark.parametrize(
     "spec, cls, config",
     [
-        ("rans", RansCoder, {"id": "rans", "lanes": 8, "precision_bits": 12}),
+        ("rans", RansCoder, {"id": "rans", "lanes": 8, "precision_bits": 10}),
         ("zstd", ZstdCoder, {"id": "zstd", "level": 3}),
         ("zstd:19", ZstdCoder, {"id": "zstd", "level": 19}),
         ("lz4", Lz4Coder, {"id": "lz4"}),
@@ -45,7 +45,7 @@ def test_bad_specs(spec, message):
 
 def test_unreadable_configs():
     with pytest.raises(UnknownCodecError, match="unsupported parameters"):
-        coder_from_config({"id": "rans", "lanes": 4, "precision_bits": 12})
+        coder_from_config({"id": "rans", "lanes": 4, "precision_bits": 10})
     with pytest.raises(UnknownCodecError, match="unknown parameters"):
         coder_from_config({"id": "zstd", "level": 3, "dict": 1})
     with pytest.raises(UnknownCodecError, match="must be an object"):

@@ -124,13 +124,16 @@ def rans_encode(exponents: bytes) -> bytes:
     emitted: list[int] = []  # in encoding order; the stream holds them reversed
     for g in reversed(range(n_groups)):
         for j in reversed(range(lanes)):
-            s1, s2 = exponents[g * group + j], exponents[g * group + lanes + j]
+            lane_symbols = [exponents[g * group + step * lanes + j] for step in range(rans.STEPS)]
+            bound = (rans.STATE_LOWER // m**rans.STEPS) << 32
+            for s in lane_symbols:
+                bound *= freqs[s]
             x = states[j]
-            if x >= (rans.STATE_LOWER // (m * m) << 32) * freqs[s1] * freqs[s2]:
+            if x >= bound:
                 emitted.append(x & 0xFFFFFFFF)
                 x >>= 32
-            x = (x // freqs[s2]) * m + cum[s2] + x % freqs[s2]
-            x = (x // freqs[s1]) * m + cum[s1] + x % freqs[s1]
+            for s in reversed(lane_symbols):
+                x = (x // freqs[s]) * m + cum[s] + x % freqs[s]
             states[j] = x
     if header_nbytes + 8 * lanes + 4 * len(emitted) >= n + 2:
         return stored
@@ -178,11 +181,11 @@ def rans_decode(payload: bytes, n: int) -> bytes:
     out = bytearray(n)
     p = 0
     for g in range(n_groups):
-        for half in range(2):
+        for step in range(rans.STEPS):
             for j in range(lanes):
                 x = states[j]
                 slot = x & (m - 1)
-                out[g * group + half * lanes + j] = slot_symbol[slot]
+                out[g * group + step * lanes + j] = slot_symbol[slot]
                 states[j] = slot_freq[slot] * (x >> rans.PRECISION_BITS) + slot_bias[slot]
         for j in range(lanes):
             if states[j] < rans.STATE_LOWER:
