@@ -105,83 +105,84 @@ def load_tensors(checkpoint: Checkpoint, max_bytes: int) -> list[tuple[str, np.n
     return out
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def _seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+    fn()
+    return time.perf_counter() - start
 
 
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+@dataclass
+class _Method:
+    """One way to store the tensors: its row, and callables that encode or decode everything with n threads."""
+
+    row: Row
+    encode: Callable[[int], Any] | None  # None: not timed (same encoder as another row)
+    decode: Callable[[int], Any]
+    threads: tuple[int, ...]  # thread counts it can use
 
 
-def _measure_zipmoe(
-    tensors: list[tuple[str, np.ndarray]], coder: ExponentCoder, chunk_values: int, threads: list[int], repeat: int,
-    *, decode_only_checked: bool = True, encode: bool = True,
-) -> Row:
+def _zipmoe_method(
+    tensors: list[tuple[str, np.ndarray]], coder: ExponentCoder, chunk_values: int, pools: dict[int, Workers],
+    *, check: bool = True, encode: bool = True,
+) -> _Method:
     encoding = Bf16Split(coder, chunk_values)
-    source = sum(d.size for _, d in tensors)
-    parts = [encode_part(encoding, d, Workers(1)) for _, d in tensors]
-    outs = [np.empty(d.size, np.uint8) for _, d in tensors]
+    parts = [encode_part(encoding, d, pools[1]) for _, d in tensors]
     views = [PartView(encoding, 0, p.data.size, d.size, p.n_chunks, p.directory_xxh64, 0) for p, (_, d) in zip(parts, tensors)]
-    for (name, d), p, v, o in zip(tensors, parts, views, outs):
-        decode_part(p.data, v, o, Workers(1))
-        if not np.array_equal(o, d):
-            raise AssertionError(f"{coder.label}: {name} does not round-trip")  # pragma: no cover - a codec bug
+    outs = [np.empty(d.size, np.uint8) for _, d in tensors]
+    for (name, d), v, p, o in zip(tensors, views, parts, outs):
+        decode_part(p.data, v, o, pools[1])
+        if not np.array_equal(o, d):  # pragma: no cover - a codec bug
+            raise AssertionError(f"{coder.label}: {name} does not round-trip")
+    source = sum(d.size for _, d in tensors)
     row = Row(coder.label, chunk_values, sum(p.data.size for p in parts), source)
-    for n in threads:
-        with Workers(n) as workers:
-            if encode:
-                row.encode_gbps[n] = source / _best(lambda: [encode_part(encoding, d, workers) for _, d in tensors], repeat) / 1e9
 
-            def decode() -> None:
-                for p, v, o in zip(parts, views, outs):
-                    decode_part(p.data, v, o, workers, check=decode_only_checked)
+    def decode_all(n: int) -> None:
+        for p, v, o in zip(parts, views, outs):
+            decode_part(p.data, v, o, pools[n], check=check)
 
-            row.decode_gbps[n] = source / _best(decode, repeat) / 1e9
-    return row
+    def encode_all(n: int) -> None:
+        for _, d in tensors:
+            encode_part(encoding, d, pools[n])
+
+    return _Method(row, encode_all if encode else None, decode_all, tuple(pools))
 
 
-def _measure_zstd_raw(tensors: list[tuple[str, np.ndarray]], level: int, repeat: int) -> Row:
+def _zstd_raw_method(tensors: list[tuple[str, np.ndarray]], level: int) -> _Method:
     compressor = zstandard.ZstdCompressor(level=level)
     decompressor = zstandard.ZstdDecompressor()
-    source = sum(d.size for _, d in tensors)
-    frames, seconds = _timed(lambda: [compressor.compress(d) for _, d in tensors])
-    row = Row(f"zstd-{level} on raw BF16 bytes", None, sum(len(f) for f in frames), source)
-    row.encode_gbps[1] = source / seconds / 1e9
+    frames = [compressor.compress(d) for _, d in tensors]
     for frame, (_, d) in zip(frames, tensors):
         if decompressor.decompress(frame) != d.tobytes():  # pragma: no cover - library bug
             raise AssertionError("zstd does not round-trip")
-    row.decode_gbps[1] = source / _best(lambda: [decompressor.decompress(f) for f in frames], repeat) / 1e9
-    return row
+    row = Row(f"zstd-{level} on raw BF16 bytes", None, sum(len(f) for f in frames), sum(d.size for _, d in tensors))
+    return _Method(
+        row,
+        lambda n: [compressor.compress(d) for _, d in tensors],
+        lambda n: [decompressor.decompress(f) for f in frames],
+        (1,),
+    )
 
 
-def _measure_zipnn(tensors: list[tuple[str, np.ndarray]], threads: list[int], repeat: int) -> Row:
+def _zipnn_method(tensors: list[tuple[str, np.ndarray]], thread_counts: list[int]) -> _Method | Row:
+    source = sum(d.size for _, d in tensors)
     try:
         from zipnn import ZipNN
     except ImportError:
-        source = sum(d.size for _, d in tensors)
         return Row("zipnn", None, source, source, note="not installed: pip install 'zipmoe[bench]'")
-    source = sum(d.size for _, d in tensors)
-    row: Row | None = None
-    for n in threads:
-        codec = ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=n)
-        # zipnn rewrites its input buffer in place, so it gets a copy and round trips are checked on the original.
-        compressed, seconds = _timed(lambda: [codec.compress(bytearray(d)) for _, d in tensors])
-        if row is None:
-            row = Row("zipnn", None, sum(len(c) for c in compressed), source, note="byte mode, bfloat16")
-            for c, (name, d) in zip(compressed, tensors):
-                if bytes(codec.decompress(c)) != d.tobytes():  # pragma: no cover - zipnn bug
-                    raise AssertionError(f"zipnn: {name} does not round-trip")
-        row.encode_gbps[n] = source / seconds / 1e9
-        row.decode_gbps[n] = source / _best(lambda: [codec.decompress(c) for c in compressed], repeat) / 1e9
-    assert row is not None
-    return row
+    codecs = {n: ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=n) for n in thread_counts}
+    # zipnn rewrites its input buffer in place, so it always gets a copy; round trips are checked on the original.
+    compressed = [codecs[1].compress(bytearray(d)) for _, d in tensors]
+    for n, codec in codecs.items():
+        for c, (name, d) in zip(compressed, tensors):
+            if bytes(codec.decompress(c)) != d.tobytes():  # pragma: no cover - zipnn bug
+                raise AssertionError(f"zipnn ({n} threads): {name} does not round-trip")
+    row = Row("zipnn", None, sum(len(c) for c in compressed), source, note="byte mode, bfloat16")
+    return _Method(
+        row,
+        lambda n: [codecs[n].compress(bytearray(d)) for _, d in tensors],
+        lambda n: [codecs[n].decompress(c) for c in compressed],
+        tuple(thread_counts),
+    )
 
 
 def run_codec_bench(
@@ -191,7 +192,7 @@ def run_codec_bench(
     coders: tuple[str, ...] = DEFAULT_CODERS,
     chunk_values: tuple[int, ...] = DEFAULT_CHUNKS,
     threads: int | None = None,
-    repeat: int = 3,
+    repeat: int = 5,
     on_row: Callable[[str], None] | None = None,
 ) -> CodecReport:
     """Measure every coder (at the default chunk size) and rans at every chunk size, plus the baselines.
@@ -214,22 +215,44 @@ def run_codec_bench(
     all_threads = threads or available_cpus()
     thread_counts = sorted({1, all_threads})
     note = on_row or (lambda s: None)
-    rows = []
-    for spec in coders:
-        coder = parse_coder(spec)
-        sizes = chunk_values if coder.codec_id == "rans" else (DEFAULT_CHUNK_VALUES,)
-        for cv in sizes:
-            note(f"{coder.label}, {cv} values per chunk")
-            rows.append(_measure_zipmoe(tensors, coder, cv, thread_counts, repeat))
-        if coder.codec_id == "rans":
-            note("rans without checksum verification")
-            row = _measure_zipmoe(tensors, coder, DEFAULT_CHUNK_VALUES, thread_counts, repeat, decode_only_checked=False, encode=False)
-            row.method, row.note = "rans", "decode without checksum verification"
-            rows.append(row)
-    note("zstd-3 on raw BF16 bytes")
-    rows.append(_measure_zstd_raw(tensors, 3, repeat))
-    note("zipnn")
-    rows.append(_measure_zipnn(tensors, thread_counts, repeat))
+    pools = {n: Workers(n) for n in thread_counts}
+    methods: list[_Method] = []
+    rows: list[Row] = []
+    try:
+        for spec in coders:
+            coder = parse_coder(spec)
+            for cv in chunk_values if coder.codec_id == "rans" else (DEFAULT_CHUNK_VALUES,):
+                note(f"encoding with {coder.label}, {cv} values per chunk")
+                methods.append(_zipmoe_method(tensors, coder, cv, pools))
+            if coder.codec_id == "rans":
+                unchecked = _zipmoe_method(tensors, coder, DEFAULT_CHUNK_VALUES, pools, check=False, encode=False)
+                unchecked.row.note = "decode without checksum verification"
+                methods.append(unchecked)
+        note("zstd-3 on raw BF16 bytes")
+        methods.append(_zstd_raw_method(tensors, 3))
+        note("zipnn")
+        zipnn = _zipnn_method(tensors, thread_counts)
+        if isinstance(zipnn, Row):
+            rows.append(zipnn)
+        else:
+            methods.append(zipnn)
+        # Timed in rounds over all methods, keeping each one's best: a noisy moment on a shared machine then slows
+        # one round of every method instead of all rounds of one.
+        for n in thread_counts:
+            for phase, runs in (("decode", repeat), ("encode", min(repeat, 2))):
+                note(f"timing {phase}, {n} thread(s), {runs} round(s)")
+                for _ in range(runs):
+                    for m in methods:
+                        run = getattr(m, phase)
+                        if n not in m.threads or run is None:
+                            continue
+                        seconds = _seconds(lambda: run(n))
+                        speeds = m.row.decode_gbps if phase == "decode" else m.row.encode_gbps
+                        speeds[n] = max(speeds.get(n, 0.0), m.row.source_bytes / seconds / 1e9)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    rows = [m.row for m in methods] + rows
     return CodecReport(
         checkpoint=checkpoint.source.describe(),
         n_tensors=len(tensors),

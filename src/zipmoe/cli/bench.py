@@ -42,7 +42,7 @@ def codecs(
         str, typer.Option("--chunk-values", help="Comma-separated chunk sizes (values) swept with rans.")
     ] = ",".join(map(str, DEFAULT_CHUNKS)),
     threads: ThreadsOpt = None,
-    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per measurement; the best is kept.")] = 3,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed rounds per measurement; the best is kept.")] = 5,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -9,10 +9,11 @@ Contract (every coder):
   bytes of chunks ``first..last-1`` of ``values`` (uint16 BF16 patterns; chunk ``c`` is
   ``values[c*chunk_values:(c+1)*chunk_values]``) into ``slots[c*slot_nbytes:]``, setting ``sizes[c]`` and the
   chunk's exponent histogram ``histograms[c]``. ``max_payload_nbytes(chunk_values)`` bounds one payload.
-* ``decode_chunks(blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out)``
-  decodes those chunks from ``blob`` and merges them with the sign+mantissa bytes at ``blob[sm_start:]`` into
-  ``out`` (uint16). It returns ``(-1, "")`` on success, else ``(chunk, reason)`` for the first chunk it could not
-  decode; it never reads outside ``blob``.
+* ``decode_chunks(blob, layout, first, last, out, check)`` decodes those chunks of the part whose `ChunkLayout` is
+  ``layout`` from ``blob`` and merges them with their sign+mantissa bytes into ``out`` (uint16). With ``check`` it
+  first verifies each chunk's two checksums. It returns ``(-1, "", "")`` on success, else ``(chunk, stream,
+  reason)`` for the first chunk that failed (``stream`` is ``"exponent payload"`` or ``"sign-mantissa bytes"``);
+  it never reads outside ``blob``.
 
 Both calls release the GIL for the bulk of their work, so callers run chunk ranges on several threads.
 """
@@ -20,6 +21,7 @@ Both calls release the GIL for the bulk of their work, so callers run chunk rang
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lz4.block
@@ -28,9 +30,30 @@ import zstandard
 
 from zipmoe.codecs import rans
 from zipmoe.codecs.bf16 import exponent_histogram, extract_exponents, merge_bf16
+from zipmoe.codecs.checksum import xxh64
 from zipmoe.errors import UnknownCodecError
 
 _REGISTRY: dict[str, type[ExponentCoder]] = {}
+PAYLOAD = "exponent payload"
+PLAIN = "sign-mantissa bytes"
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the chunks of one bf16-split part lie in a buffer, and their recorded checksums."""
+
+    payload_starts: np.ndarray  # int64[K]
+    payload_sizes: np.ndarray  # int64[K]
+    payload_xxh64: np.ndarray  # uint64[K]
+    plain_xxh64: np.ndarray  # uint64[K]
+    sm_start: int  # of the sign-mantissa plane
+    chunk_values: int
+    n_values: int
+
+    def chunk(self, c: int) -> tuple[int, int]:
+        """(first value, number of values) of chunk ``c``."""
+        lo = c * self.chunk_values
+        return lo, min(self.n_values, lo + self.chunk_values) - lo
 
 
 class ExponentCoder(ABC):
@@ -66,8 +89,8 @@ class ExponentCoder(ABC):
 
     @abstractmethod
     def decode_chunks(
-        self, blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out
-    ) -> tuple[int, str]:
+        self, blob: np.ndarray, layout: ChunkLayout, first: int, last: int, out: np.ndarray, check: bool
+    ) -> tuple[int, str, str]:
         """Decode and merge chunks ``first..last-1``; see the module docstring."""
 
     @property
@@ -105,11 +128,14 @@ class RansCoder(ExponentCoder, codec_id="rans"):
     def encode_chunks(self, values, chunk_values, first, last, slots, slot_nbytes, sizes, histograms) -> None:
         rans.encode_chunks(values, chunk_values, first, last, slots, slot_nbytes, sizes, histograms)
 
-    def decode_chunks(self, blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out):
+    def decode_chunks(self, blob, layout, first, last, out, check):
         chunk, status = rans.decode_chunks(
-            blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out
-        )
-        return (-1, "") if chunk < 0 else (int(chunk), rans.rans_status_message(int(status)))
+            blob, layout.payload_starts, layout.payload_sizes, layout.payload_xxh64, layout.plain_xxh64,
+            layout.sm_start, layout.chunk_values, layout.n_values, first, last, out, check,
+        )  # fmt: skip
+        if chunk < 0:
+            return -1, "", ""
+        return int(chunk), PLAIN if status == rans.BAD_PLAIN_CHECKSUM else PAYLOAD, rans.rans_status_message(int(status))
 
 
 class _ByteCoder(ExponentCoder, ABC):
@@ -160,19 +186,23 @@ class _ByteCoder(ExponentCoder, ABC):
             slots[c * slot_nbytes : c * slot_nbytes + len(payload)] = np.frombuffer(payload, np.uint8)
             sizes[c] = len(payload)
 
-    def decode_chunks(self, blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out):
+    def decode_chunks(self, blob, layout, first, last, out, check):
         for c in range(first, last):
-            lo = c * chunk_values
-            n = min(n_values, lo + chunk_values) - lo
-            start, size = int(payload_starts[c]), int(payload_sizes[c])
+            lo, n = layout.chunk(c)
+            start, size = int(layout.payload_starts[c]), int(layout.payload_sizes[c])
+            sm = layout.sm_start + lo
+            if check and xxh64(blob, start, start + size) != layout.payload_xxh64[c]:
+                return c, PAYLOAD, "checksum mismatch"
+            if check and xxh64(blob, sm, sm + n) != layout.plain_xxh64[c]:
+                return c, PLAIN, "checksum mismatch"
             try:
                 exponents = self._decompress(memoryview(blob[start : start + size]), n)
             except Exception as exc:  # the libraries raise their own error types for corrupt input
-                return c, f"{self.codec_id} could not decode the payload ({exc})"
+                return c, PAYLOAD, f"{self.codec_id} could not decode the payload ({exc})"
             if len(exponents) != n:
-                return c, f"{self.codec_id} payload decodes to {len(exponents)} bytes, expected {n}"
-            merge_bf16(np.frombuffer(exponents, np.uint8), blob[sm_start + lo : sm_start + lo + n], out[lo : lo + n])
-        return -1, ""
+                return c, PAYLOAD, f"{self.codec_id} payload decodes to {len(exponents)} bytes, expected {n}"
+            merge_bf16(np.frombuffer(exponents, np.uint8), blob[sm : sm + n], out[lo : lo + n])
+        return -1, "", ""
 
 
 class ZstdCoder(_ByteCoder, codec_id="zstd"):

@@ -38,7 +38,7 @@ from numba import njit
 from zipmoe._threads import Workers
 from zipmoe.codecs.bf16 import extract_sign_mantissa
 from zipmoe.codecs.checksum import xxh64
-from zipmoe.codecs.coders import ExponentCoder, RansCoder, coder_from_config
+from zipmoe.codecs.coders import PAYLOAD, PLAIN, ChunkLayout, ExponentCoder, RansCoder, coder_from_config
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
 
 DIRECTORY_ENTRY = np.dtype(
@@ -46,6 +46,7 @@ DIRECTORY_ENTRY = np.dtype(
 )
 DEFAULT_CHUNK_VALUES = 1 << 16  # chosen with `zipmoe bench codecs` (docs/BENCHMARKS.md)
 DEFAULT_CHUNK_BYTES = 1 << 20
+_TASK_VALUES = 1 << 20  # values per thread-pool task: ~1 ms of work, well above the cost of handing it out
 MIN_CHUNK = 64
 MAX_CHUNK = 1 << 30
 
@@ -238,7 +239,7 @@ def _encode_bf16(encoding: Bf16Split, values: np.ndarray, workers: Workers) -> E
     slots = np.empty(n_chunks * slot_nbytes, np.uint8)
     sizes = np.zeros(n_chunks, np.int64)
     histograms = np.zeros((n_chunks, 256), np.int64)
-    min_chunks = max(1, (1 << 18) // cv)
+    min_chunks = max(1, _TASK_VALUES // cv)
     workers.run_ranges(
         lambda a, b: coder.encode_chunks(values, cv, a, b, slots, slot_nbytes, sizes, histograms), n_chunks, min_chunks
     )
@@ -315,6 +316,15 @@ class _Layout:
             chunk_lo = np.arange(part.n_chunks, dtype=np.int64) * enc.chunk_values
             self.plain_starts = self.sm_start + chunk_lo
             self.plain_sizes = np.minimum(n_values - chunk_lo, enc.chunk_values)
+            self.chunks = ChunkLayout(
+                self.payload_starts,
+                payload_nbytes,
+                np.ascontiguousarray(self.directory["payload_xxh64"]),
+                np.ascontiguousarray(self.directory["plain_xxh64"]),
+                self.sm_start,
+                enc.chunk_values,
+                n_values,
+            )
         self.payload_sizes = payload_nbytes
 
         n = part.n_chunks
@@ -324,8 +334,7 @@ class _Layout:
         if self.plain_starts is not None and n:  # the zero bytes after the sign-mantissa plane belong to the last chunk
             plane_end = self.sm_start + part.size // 2
             self.bad_padding[-1] = bool(buf[plane_end : (plane_end + 7) & ~7].any())
-        # Chunks per task: enough work (~256K values or 1 MiB) to outweigh handing a task to a thread.
-        self.min_chunks = max(1, (1 << 18) // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
+        self.min_chunks = max(1, _TASK_VALUES // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
 
     def scan(self, buf: np.ndarray, first: int, last: int) -> int:
         """Check the checksums of chunks ``first..last-1`` (flags in ``bad_payload``/``bad_plain``); count failures."""
@@ -349,14 +358,14 @@ def check_part(buf: np.ndarray, part: PartView, workers: Workers) -> list[ChunkF
 
 def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
     to_file = part.file_offset - part.offset
-    payload_name = "bytes" if layout.bad_plain is None else "exponent payload"
+    payload_name = "bytes" if layout.bad_plain is None else PAYLOAD
     failures = [
         ChunkFailure(int(c), payload_name, int(layout.payload_starts[c]) + to_file)
         for c in np.flatnonzero(layout.bad_payload)
     ]
     if layout.bad_plain is not None:
         failures += [
-            ChunkFailure(int(c), "sign-mantissa bytes", int(layout.plain_starts[c]) + to_file)
+            ChunkFailure(int(c), PLAIN, int(layout.plain_starts[c]) + to_file)
             for c in np.flatnonzero(layout.bad_plain)
         ]
     failures += [
@@ -370,32 +379,23 @@ def decode_part(buf: np.ndarray, part: PartView, out: np.ndarray, workers: Worke
     """Decode one part from ``buf`` into ``out`` (uint8, ``part.size`` bytes).
 
     Raises:
-        ChecksumError: a checksum does not match (with ``check``), naming the chunk and its file offset.
-        FormatError: the directory or a payload is inconsistent.
+        ChecksumError: a checksum does not match (with ``check``), or a payload does not decode; the message names
+            the chunk, the stream and its file offset.
+        FormatError: the directory is inconsistent with the manifest.
     """
     layout = _Layout(buf, part)
     enc = part.encoding
-
-    def task(first: int, last: int) -> tuple[int, str]:
-        # Each task checks its chunks, then decodes them: one pass of the thread pool per part.
-        if check and layout.scan(buf, first, last):
-            return -2, ""
-        if isinstance(enc, Raw):
-            lo = first * enc.chunk_bytes
-            hi = min(part.size, last * enc.chunk_bytes)
-            start = part.offset + layout.directory.nbytes
-            out[lo:hi] = buf[start + lo : start + hi]
-            return -1, ""
-        return enc.coder.decode_chunks(
-            buf, layout.payload_starts, layout.payload_sizes, layout.sm_start, enc.chunk_values, values.size,
-            first, last, values,
-        )
-
-    values = out.view(np.uint16) if isinstance(enc, Bf16Split) else out
-    results = workers.run_ranges(task, part.n_chunks, layout.min_chunks)
-    if any(chunk == -2 for chunk, _ in results):
-        raise ChecksumError(_failures(part, layout)[0].describe())
-    for chunk, reason in results:
+    to_file = part.file_offset - part.offset
+    if isinstance(enc, Raw):
+        if check and layout.scan(buf, 0, part.n_chunks):
+            raise ChecksumError(_failures(part, layout)[0].describe())
+        out[:] = buf[part.offset + layout.directory.nbytes : part.offset + part.nbytes]
+        return
+    values = out.view(np.uint16)
+    results = workers.run_ranges(
+        lambda a, b: enc.coder.decode_chunks(buf, layout.chunks, a, b, values, check), part.n_chunks, layout.min_chunks
+    )
+    for chunk, stream, reason in results:
         if chunk >= 0:
-            offset = int(layout.payload_starts[chunk]) + part.file_offset - part.offset
-            raise ChecksumError(f"chunk {chunk} exponent payload: {reason} (file offset {offset})")
+            start = layout.plain_starts[chunk] if stream == PLAIN else layout.payload_starts[chunk]
+            raise ChecksumError(f"chunk {chunk} {stream}: {reason} (file offset {int(start) + to_file})")

@@ -38,6 +38,8 @@ import numpy as np
 from numba import njit
 
 from zipmoe.codecs.bf16 import merge_bf16
+from zipmoe.codecs.checksum import xxh64
+from zipmoe.codecs.intrinsics import mulhi64
 
 PRECISION_BITS = 10
 LANES = 8
@@ -54,6 +56,8 @@ BAD_TABLE = 2
 BAD_SIZE = 3
 STREAM_OVERRUN = 4
 BAD_FINAL_STATE = 5
+BAD_PAYLOAD_CHECKSUM = 6
+BAD_PLAIN_CHECKSUM = 7
 
 _STATUS_MESSAGES = {
     BAD_MODE: "unknown payload mode",
@@ -61,6 +65,8 @@ _STATUS_MESSAGES = {
     BAD_SIZE: "payload size does not match its header",
     STREAM_OVERRUN: "rANS stream ends early",
     BAD_FINAL_STATE: "rANS stream does not end in the initial state",
+    BAD_PAYLOAD_CHECKSUM: "checksum mismatch",
+    BAD_PLAIN_CHECKSUM: "checksum mismatch",
 }
 
 _U = np.uint64
@@ -129,6 +135,48 @@ def normalize_frequencies(counts, total, freqs):  # pragma: no cover - compiled
         s += 1
 
 
+def _reciprocal_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Division by multiplication for 0 <= x < 2^63 and 2 <= f <= M (Granlund & Montgomery 1994, round-up
+    method): with l = ceil(log2 f), x // f == mulhi64(x, ceil(2^(63+l) / f)) >> (l - 1). f = 1 is the identity."""
+    rcp = np.zeros(_M + 1, np.uint64)
+    shift = np.zeros(_M + 1, np.uint64)
+    for f in range(2, _M + 1):
+        l = (f - 1).bit_length()
+        rcp[f] = -(-(1 << (63 + l)) // f)
+        shift[f] = l - 1
+    return rcp, shift
+
+
+_RECIPROCAL, _RECIPROCAL_SHIFT = _reciprocal_tables()
+
+
+@njit(inline="always", cache=True)
+def _encode_step(x, s, freqs, cum, rcp, shift):  # pragma: no cover - compiled
+    # x -> (x // f) * M + cum + x % f, with the division done by a multiplication (see _reciprocal_tables).
+    f = _U(freqs[s])
+    q = mulhi64(x, rcp[s]) >> shift[s]
+    q = x if f == _U(1) else q
+    return (q << _PRECISION) + (x - q * f) + _U(cum[s])
+
+
+@njit(inline="always", cache=True)
+def _encode_lane(x, values, b, j, freqs, cum, rcp, shift, words, top):  # pragma: no cover - compiled
+    """Code lane ``j``'s three symbols of the group at ``values[b:]`` into state ``x`` (words pushed below ``top``)."""
+    s1 = (values[b + _U(j)] >> 7) & 0xFF
+    s2 = (values[b + _U(LANES + j)] >> 7) & 0xFF
+    s3 = (values[b + _U(2 * LANES + j)] >> 7) & 0xFF
+    # Branch-free emission (about one lane in four emits, unpredictably): always store the low word one below the
+    # stack top, and keep it (move the top) only when the state is too large for the group.
+    emit = x >= _GROUP_BOUND_UNIT * _U(freqs[s1]) * _U(freqs[s2]) * _U(freqs[s3])
+    words[top - _U(1)] = x & _WORD_MASK
+    top -= _U(emit)
+    x = (x >> _W32) if emit else x
+    # Code in the reverse of decoding order: the lane's third symbol first.
+    x = _encode_step(x, s3, freqs, cum, rcp, shift)
+    x = _encode_step(x, s2, freqs, cum, rcp, shift)
+    return _encode_step(x, s1, freqs, cum, rcp, shift), top
+
+
 @njit(nogil=True, cache=True)
 def _store(values, lo, hi, out, pos):  # pragma: no cover - compiled
     out[pos] = MODE_STORED
@@ -164,32 +212,31 @@ def encode_chunk(values, lo, hi, out, pos, words, counts, freqs, cum):  # pragma
     cum[0] = 0
     for i in range(256):
         cum[i + 1] = cum[i] + freqs[i]
+    rcp = np.empty(256, np.uint64)
+    shift = np.empty(256, np.uint64)
+    for i in range(256):
+        rcp[i] = _RECIPROCAL[freqs[i]]
+        shift[i] = _RECIPROCAL_SHIFT[freqs[i]]
 
     # Encode backwards; words are pushed onto a stack that grows down from the end of `words`.
-    states = np.full(LANES, _L, np.uint64)
-    top = words.size
     budget = n + 2 - header - 8 * LANES  # the stored mode wins once the words reach this many bytes
+    top = _U(words.size)
+    x0 = x1 = x2 = x3 = x4 = x5 = x6 = x7 = _L
     for g in range(n_groups - 1, -1, -1):
-        base = lo + g * GROUP
-        for j in range(LANES - 1, -1, -1):
-            s1 = (values[base + j] >> 7) & 0xFF
-            s2 = (values[base + LANES + j] >> 7) & 0xFF
-            s3 = (values[base + 2 * LANES + j] >> 7) & 0xFF
-            f1 = _U(freqs[s1])
-            f2 = _U(freqs[s2])
-            f3 = _U(freqs[s3])
-            x = states[j]
-            if x >= _GROUP_BOUND_UNIT * f1 * f2 * f3:
-                top -= 1
-                words[top] = x & _WORD_MASK
-                x >>= _W32
-            # Code in the reverse of decoding order: the lane's third symbol first.
-            x = (x // f3) * _U(_M) + _U(cum[s3]) + x % f3
-            x = (x // f2) * _U(_M) + _U(cum[s2]) + x % f2
-            x = (x // f1) * _U(_M) + _U(cum[s1]) + x % f1
-            states[j] = x
-        if 4 * (words.size - top) >= budget:
+        b = _U(lo + g * GROUP)  # unsigned index: no negative-index wraparound code in the hot loop
+        x7, top = _encode_lane(x7, values, b, 7, freqs, cum, rcp, shift, words, top)
+        x6, top = _encode_lane(x6, values, b, 6, freqs, cum, rcp, shift, words, top)
+        x5, top = _encode_lane(x5, values, b, 5, freqs, cum, rcp, shift, words, top)
+        x4, top = _encode_lane(x4, values, b, 4, freqs, cum, rcp, shift, words, top)
+        x3, top = _encode_lane(x3, values, b, 3, freqs, cum, rcp, shift, words, top)
+        x2, top = _encode_lane(x2, values, b, 2, freqs, cum, rcp, shift, words, top)
+        x1, top = _encode_lane(x1, values, b, 1, freqs, cum, rcp, shift, words, top)
+        x0, top = _encode_lane(x0, values, b, 0, freqs, cum, rcp, shift, words, top)
+        if 4 * (words.size - np.int64(top)) >= budget:
             return _store(values, lo, hi, out, pos)
+    states = np.empty(LANES, np.uint64)
+    states[0], states[1], states[2], states[3], states[4], states[5], states[6], states[7] = x0, x1, x2, x3, x4, x5, x6, x7
+    top = np.int64(top)
 
     # Header, table, tail, states, words.
     p = pos
@@ -407,17 +454,26 @@ def encode_chunks(values, chunk_values, first, last, slots, slot_nbytes, sizes, 
 
 
 @njit(nogil=True, cache=True)
-def decode_chunks(blob, payload_starts, payload_sizes, sm_start, chunk_values, n_values, first, last, out):  # pragma: no cover
+def decode_chunks(blob, payload_starts, payload_sizes, payload_xxh64, plain_xxh64, sm_start, chunk_values, n_values,
+                  first, last, out, check):  # pragma: no cover - compiled
     """Decode chunks ``first..last-1`` of a part held in ``blob`` into ``out`` (uint16, ``n_values`` long).
 
-    Returns ``(-1, 0)`` on success, else ``(chunk, status)`` of the first chunk that failed.
+    With ``check``, each chunk's payload and sign-mantissa checksums are verified just before it is decoded (its
+    bytes are then in cache for the decoder). Returns ``(-1, 0)`` on success, else ``(chunk, status)`` of the first
+    chunk that failed.
     """
     table = np.empty(_M, np.uint32)
     exps = np.empty(chunk_values, np.uint8)
     for c in range(first, last):
         lo = c * chunk_values
         n = min(n_values, lo + chunk_values) - lo
-        status = decode_chunk(blob, payload_starts[c], payload_sizes[c], blob, sm_start + lo, out, lo, n, table, exps)
+        start = payload_starts[c]
+        if check:
+            if xxh64(blob, start, start + payload_sizes[c]) != payload_xxh64[c]:
+                return c, BAD_PAYLOAD_CHECKSUM
+            if xxh64(blob, sm_start + lo, sm_start + lo + n) != plain_xxh64[c]:
+                return c, BAD_PLAIN_CHECKSUM
+        status = decode_chunk(blob, start, payload_sizes[c], blob, sm_start + lo, out, lo, n, table, exps)
         if status != OK:
             return c, status
     return -1, 0

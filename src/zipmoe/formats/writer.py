@@ -3,7 +3,8 @@
 Bytes go to ``OUT.partial`` (an interrupted run leaves only that, which is never a valid container and which the
 next run overwrites). `ContainerWriter.finish` writes the manifest, then the header, fsyncs, lets the caller check
 the finished file, and only then renames it to ``OUT``. Padding is always zero bytes, so the same input gives the
-same file.
+same file. Record bytes are written by a background thread, one record behind the caller, so writing overlaps
+the encoding of the next record while memory holds at most two records.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +55,28 @@ class ContainerWriter:
             raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
         self._position = 0
         self._record_start = 0
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="zipmoe-write")
+        self._pending: Future[None] | None = None
         self.state = WriterState.DATA
         self._write(bytes(HEADER_NBYTES))  # the header is written last
 
     # -- low level ------------------------------------------------------------------------------------------------
 
     def _write(self, data: bytes | memoryview | np.ndarray) -> None:
+        """Queue ``data`` (which the caller must not modify afterwards) behind the write in flight."""
         view = memoryview(data).cast("B")
-        try:
-            self._file.write(view)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
+        self._drain()
+        self._pending = self._io.submit(self._file.write, view)
         self._position += view.nbytes
+
+    def _drain(self) -> None:
+        """Wait for the write in flight; report its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
 
     def _pad_to(self, alignment: int) -> None:
         pad = -self._position % alignment
@@ -126,6 +138,8 @@ class ContainerWriter:
             manifest_xxh64=checksum(manifest_bytes),
         )
         try:
+            self._drain()
+            self._io.shutdown(wait=True)
             self._file.seek(0)
             self._file.write(header.pack())
             self._file.flush()
@@ -150,6 +164,7 @@ class ContainerWriter:
         if self.state is WriterState.FINISHED:
             return
         self.state = WriterState.ABORTED
+        self._io.shutdown(wait=True, cancel_futures=True)
         try:
             self._file.close()
         except OSError:
