@@ -120,3 +120,26 @@ def test_roundtrip_property(symbols, spread):
     payload = kernel_encode(values)
     status, out = kernel_decode(payload, values)
     assert status == rans.OK and np.array_equal(out, values)
+
+
+def test_division_by_multiplication_is_exact():
+    """The encoder divides by multiplying with rans._RECIPROCAL; check every frequency on edge and random states."""
+    from numba import njit
+
+    from zipmoe.codecs.intrinsics import mulhi64
+
+    @njit
+    def first_wrong(xs, freqs, rcp, shift):
+        top = np.uint64(1) << np.uint64(63)
+        for f in freqs:
+            for x in xs:
+                below = x - x % f  # a multiple of f; below + f - 1 is the largest value with the same quotient
+                for y in (x, below, below + f - np.uint64(1)):
+                    if y < top and mulhi64(y, rcp[f]) >> shift[f] != y // f:
+                        return f, y
+        return np.uint64(0), np.uint64(0)
+
+    rng = np.random.default_rng(7)
+    xs = np.concatenate([rng.integers(1, 2**63, 2000, dtype=np.uint64), np.array([1, 2, 3, 1023, 1024, 2**62, 2**63 - 1], np.uint64)])
+    freqs = np.arange(2, (1 << rans.PRECISION_BITS) + 1, dtype=np.uint64)
+    assert first_wrong(xs, freqs, rans._RECIPROCAL, rans._RECIPROCAL_SHIFT) == (0, 0)

@@ -62,6 +62,7 @@ class CodecReport:
     """The result of one benchmark run."""
 
     checkpoint: str
+    cast_bf16: bool
     n_tensors: int
     source_bytes: int
     exponent_entropy: float
@@ -78,6 +79,7 @@ class CodecReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "checkpoint": self.checkpoint,
+            "cast_bf16": self.cast_bf16,
             "n_tensors": self.n_tensors,
             "source_bytes": self.source_bytes,
             "exponent_entropy_bits": self.exponent_entropy,
@@ -87,21 +89,34 @@ class CodecReport:
         }
 
 
-def load_tensors(checkpoint: Checkpoint, max_bytes: int) -> list[tuple[str, np.ndarray]]:
-    """The BF16 expert tensors of a checkpoint (or all its BF16 tensors), in checkpoint order, up to ``max_bytes``."""
+def _to_bf16(data: np.ndarray, dtype: str) -> np.ndarray:
+    """Round F32/F16 little-endian bytes to BF16 (nearest, ties to even) as a BF16 release of the model would."""
+    f32 = data.view("<f4") if dtype == "F32" else data.view("<f2").astype(np.float32)
+    bits = f32.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").view(np.uint8)
+
+
+def load_tensors(checkpoint: Checkpoint, max_bytes: int, *, cast_bf16: bool = False) -> list[tuple[str, np.ndarray]]:
+    """The BF16 expert tensors of a checkpoint (or all its BF16 tensors), in checkpoint order, up to ``max_bytes``.
+
+    With ``cast_bf16``, F32 and F16 weight matrices (2-D or more) are rounded to BF16 and measured instead, so a
+    trained model published in another dtype can serve as real-weights data.
+    """
     layout = classify(checkpoint.config, [t for _, t in checkpoint.tensors.values()])
     ordered = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
-    bf16 = [(i, t) for i, t in ordered if t.dtype == "BF16" and t.nbytes > 0]
-    chosen = [(i, t) for i, t in bf16 if t.name in layout.experts] or bf16
+    wanted = ("F32", "F16") if cast_bf16 else ("BF16",)
+    candidates = [(i, t) for i, t in ordered if t.dtype in wanted and t.nbytes > 0 and (not cast_bf16 or len(t.shape) >= 2)]
+    chosen = [(i, t) for i, t in candidates if t.name in layout.experts] or candidates
     out = []
     total = 0
     for file_index, t in chosen:
-        if out and total + t.nbytes > max_bytes:
+        size = t.nbytes if t.dtype == "BF16" else t.nbytes * 2 // (4 if t.dtype == "F32" else 2)
+        if out and total + size > max_bytes:
             break
         data = np.empty(t.nbytes, np.uint8)
         checkpoint.files[file_index].read_into(t.start, data)
-        out.append((t.name, data))
-        total += t.nbytes
+        out.append((t.name, data if t.dtype == "BF16" else _to_bf16(data, t.dtype)))
+        total += size
     return out
 
 
@@ -193,6 +208,7 @@ def run_codec_bench(
     chunk_values: tuple[int, ...] = DEFAULT_CHUNKS,
     threads: int | None = None,
     repeat: int = 5,
+    cast_bf16: bool = False,
     on_row: Callable[[str], None] | None = None,
 ) -> CodecReport:
     """Measure every coder (at the default chunk size) and rans at every chunk size, plus the baselines.
@@ -204,11 +220,13 @@ def run_codec_bench(
         chunk_values: chunk sizes to sweep with rans.
         threads: the "all threads" count (default: every available CPU).
         repeat: timed repetitions; the best is kept.
+        cast_bf16: measure F32/F16 weights rounded to BF16 (see `load_tensors`).
         on_row: called with a short description before each measurement (for progress display).
     """
-    tensors = load_tensors(checkpoint, max_bytes)
+    tensors = load_tensors(checkpoint, max_bytes, cast_bf16=cast_bf16)
     if not tensors:
-        raise CheckpointError(f"{checkpoint.root}: no BF16 tensors to measure")
+        hint = "" if cast_bf16 else " (add --cast-bf16 for a model stored in F32 or F16)"
+        raise CheckpointError(f"{checkpoint.root}: no {'F32/F16' if cast_bf16 else 'BF16'} tensors to measure{hint}")
     histogram = np.zeros(256, np.int64)
     for _, d in tensors:
         exponent_histogram(d.view(np.uint16), histogram)
@@ -255,6 +273,7 @@ def run_codec_bench(
     rows = [m.row for m in methods] + rows
     return CodecReport(
         checkpoint=checkpoint.source.describe(),
+        cast_bf16=cast_bf16,
         n_tensors=len(tensors),
         source_bytes=sum(d.size for _, d in tensors),
         exponent_entropy=entropy_bits(histogram),

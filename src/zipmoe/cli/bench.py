@@ -43,6 +43,9 @@ def codecs(
     ] = ",".join(map(str, DEFAULT_CHUNKS)),
     threads: ThreadsOpt = None,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed rounds per measurement; the best is kept.")] = 5,
+    cast_bf16: Annotated[
+        bool, typer.Option("--cast-bf16", help="Measure F32/F16 weight matrices rounded to BF16 (real models stored in F32).")
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,6 +62,7 @@ def codecs(
         chunk_values=chunk_values,
         threads=threads,
         repeat=repeat,
+        cast_bf16=cast_bf16,
         on_row=None if quiet else (lambda s: stderr.print(f"measuring {s}")),
     )
     if json_output:
@@ -67,8 +71,9 @@ def codecs(
     zipnn = report.row("zipnn")
     has_zipnn = zipnn is not None and not zipnn.note.startswith("not installed")
     n = report.threads[-1]
+    cast = " (cast from F32/F16)" if report.cast_bf16 else ""
     title = (
-        f"Exponent coders on {report.checkpoint}: {report.n_tensors} tensors, {human_bytes(report.source_bytes)} BF16, "
+        f"Exponent coders on {report.checkpoint}: {report.n_tensors} tensors, {human_bytes(report.source_bytes)} BF16{cast}, "
         f"exponent entropy {report.exponent_entropy:.3f} bits; GB/s of BF16, best of {repeat}"
     )
     t = table("method", "chunk", "ratio", "vs zipnn", "enc 1T", f"enc {n}T", "dec 1T", f"dec {n}T", "dec 1T vs zipnn", title=title)
