@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -43,17 +44,39 @@ class Workers:
         return self._pool
 
     def run_ranges(self, fn: Callable[[int, int], T], n_items: int, min_items: int = 1) -> list[T]:
-        """Call ``fn(first, last)`` over a split of ``range(n_items)``; return the results in range order.
+        """Call ``fn(first, last)`` over a split of ``range(n_items)``; return the results in range order."""
+        return self.run_segments(lambda _, first, last: fn(first, last), [n_items], min_items)
 
-        The split has a few ranges per thread, so a thread slowed by other work does not hold up the rest, and at
-        least ``min_items`` items per range, so that each task outweighs the cost of handing it to a thread.
+    def run_segments(self, fn: Callable[[int, int, int], T], counts: Sequence[int], min_items: int = 1) -> list[T]:
+        """Call ``fn(group, first, last)`` over the items of several groups (the chunks of several parts).
+
+        All items are split into tasks that may span groups: a few tasks per thread, so a thread slowed by other
+        work does not hold up the rest, and at least ``min_items`` items per task, so that each task outweighs the
+        cost of handing it to a thread. Returns every call's result, in order.
         """
-        n_ranges = min(self.threads * _RANGES_PER_THREAD, n_items // max(1, min_items)) if self.threads > 1 else 1
-        ranges = split_range(n_items, n_ranges)
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        total = offsets[-1]
+        n_tasks = min(self.threads * _RANGES_PER_THREAD, total // max(1, min_items)) if self.threads > 1 else 1
+
+        def task(first: int, last: int) -> list[T]:
+            results = []
+            group = bisect.bisect_right(offsets, first) - 1
+            while group < len(counts) and offsets[group] < last:
+                lo, hi = max(first, offsets[group]), min(last, offsets[group + 1])
+                if hi > lo:
+                    results.append(fn(group, lo - offsets[group], hi - offsets[group]))
+                group += 1
+            return results
+
+        ranges = split_range(total, n_tasks)
         if len(ranges) <= 1:
-            return [fn(first, last) for first, last in ranges]
-        futures = [self._executor().submit(fn, first, last) for first, last in ranges]
-        return [future.result() for future in futures]
+            batches = [task(first, last) for first, last in ranges]
+        else:
+            futures = [self._executor().submit(task, first, last) for first, last in ranges]
+            batches = [future.result() for future in futures]
+        return [result for batch in batches for result in batch]
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on the pool."""

@@ -2,8 +2,9 @@
 
 Everything runs on the same tensors in one process: the routed-expert BF16 tensors of a checkpoint (all BF16
 tensors if it has no recognised experts), up to a byte budget. Speeds are GB/s of BF16 (source) bytes, best of
-``repeat`` runs, for one thread and for all threads; decoding writes into a preallocated buffer and, for zipmoe,
-checks every chunk checksum unless the row says otherwise.
+``repeat`` rounds, for one thread and for all threads, each run handling all the tensors as one batch (as a
+runtime loads several experts); decoding writes into preallocated buffers and, for zipmoe, checks every chunk
+checksum unless the row says otherwise. zipnn gets each tensor in turn with its own thread count.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zstandard
 from zipmoe._threads import Workers, available_cpus
 from zipmoe.codecs.bf16 import entropy_bits, exponent_histogram
 from zipmoe.codecs.coders import ExponentCoder, parse_coder
-from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, PartView, decode_part, encode_part
+from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, PartView, decode_part, decode_parts, encode_parts
 from zipmoe.errors import CheckpointError
 from zipmoe.formats.checkpoint import Checkpoint
 from zipmoe.formats.experts import classify
@@ -141,7 +142,8 @@ def _zipmoe_method(
     *, check: bool = True, encode: bool = True,
 ) -> _Method:
     encoding = Bf16Split(coder, chunk_values)
-    parts = [encode_part(encoding, d, pools[1]) for _, d in tensors]
+    datas = [d for _, d in tensors]
+    parts = encode_parts(encoding, datas, pools[1])
     views = [PartView(encoding, 0, p.data.size, d.size, p.n_chunks, p.directory_xxh64, 0) for p, (_, d) in zip(parts, tensors)]
     outs = [np.empty(d.size, np.uint8) for _, d in tensors]
     for (name, d), v, p, o in zip(tensors, views, parts, outs):
@@ -151,13 +153,14 @@ def _zipmoe_method(
     source = sum(d.size for _, d in tensors)
     row = Row(coder.label, chunk_values, sum(p.data.size for p in parts), source)
 
+    # Everything at once, as a runtime loads a batch of experts: chunks of all tensors spread over the threads.
+    items = [(p.data, v, o, name) for p, v, o, (name, _) in zip(parts, views, outs, tensors)]
+
     def decode_all(n: int) -> None:
-        for p, v, o in zip(parts, views, outs):
-            decode_part(p.data, v, o, pools[n], check=check)
+        decode_parts(items, pools[n], check=check)
 
     def encode_all(n: int) -> None:
-        for _, d in tensors:
-            encode_part(encoding, d, pools[n])
+        encode_parts(encoding, datas, pools[n])
 
     return _Method(row, encode_all if encode else None, decode_all, tuple(pools))
 

@@ -29,6 +29,7 @@ is covered by a checksum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,9 +195,14 @@ def _find_bad_padding(buf, starts, sizes, first, last, bad):  # pragma: no cover
 
 def encode_part(encoding: Encoding, data: np.ndarray, workers: Workers) -> EncodedPart:
     """Encode the raw bytes ``data`` (uint8; little-endian BF16 patterns for bf16-split) of one part."""
+    return encode_parts(encoding, [data], workers)[0]
+
+
+def encode_parts(encoding: Encoding, datas: Sequence[np.ndarray], workers: Workers) -> list[EncodedPart]:
+    """Encode several parts at once, the chunks of all of them spread over the worker threads."""
     if isinstance(encoding, Raw):
-        return _encode_raw(encoding, data)
-    return _encode_bf16(encoding, data.view(np.uint16), workers)
+        return [_encode_raw(encoding, d) for d in datas]
+    return _encode_bf16(encoding, [d.view(np.uint16) for d in datas], workers)
 
 
 def _finish(blob: np.ndarray, directory: np.ndarray) -> int:
@@ -232,33 +238,39 @@ def _bf16_layout(encoding: Bf16Split, n_values: int, payload_nbytes: np.ndarray)
     return sm_start, starts, first + int(padded.sum())
 
 
-def _encode_bf16(encoding: Bf16Split, values: np.ndarray, workers: Workers) -> EncodedPart:
+def _encode_bf16(encoding: Bf16Split, parts: list[np.ndarray], workers: Workers) -> list[EncodedPart]:
     coder, cv = encoding.coder, encoding.chunk_values
-    n_chunks = encoding.n_chunks(values.nbytes)
+    counts = [encoding.n_chunks(v.nbytes) for v in parts]
     slot_nbytes = pad8(coder.max_payload_nbytes(cv))
-    slots = np.empty(n_chunks * slot_nbytes, np.uint8)
-    sizes = np.zeros(n_chunks, np.int64)
-    histograms = np.zeros((n_chunks, 256), np.int64)
+    slots = [np.empty(n * slot_nbytes, np.uint8) for n in counts]
+    sizes = [np.zeros(n, np.int64) for n in counts]
+    histograms = [np.zeros((n, 256), np.int64) for n in counts]
     min_chunks = max(1, _TASK_VALUES // cv)
-    workers.run_ranges(
-        lambda a, b: coder.encode_chunks(values, cv, a, b, slots, slot_nbytes, sizes, histograms), n_chunks, min_chunks
-    )
-    sm_start, starts, total = _bf16_layout(encoding, values.size, sizes)
-    blob = np.zeros(total, np.uint8)
-    directory = np.zeros(n_chunks, DIRECTORY_ENTRY)
-    payload_xxh64 = np.zeros(n_chunks, np.uint64)
-    plain_xxh64 = np.zeros(n_chunks, np.uint64)
-    workers.run_ranges(
-        lambda a, b: _assemble_bf16(
-            values, cv, a, b, slots, slot_nbytes, sizes, blob, sm_start, starts, payload_xxh64, plain_xxh64
-        ),
-        n_chunks,
+    workers.run_segments(
+        lambda i, a, b: coder.encode_chunks(parts[i], cv, a, b, slots[i], slot_nbytes, sizes[i], histograms[i]),
+        counts,
         min_chunks,
     )
-    directory["payload_nbytes"] = sizes
-    directory["payload_xxh64"] = payload_xxh64
-    directory["plain_xxh64"] = plain_xxh64
-    return EncodedPart(blob, n_chunks, _finish(blob, directory), histograms.sum(axis=0))
+    layouts = [_bf16_layout(encoding, v.size, z) for v, z in zip(parts, sizes)]
+    blobs = [np.zeros(total, np.uint8) for _, _, total in layouts]
+    directories = [np.zeros(n, DIRECTORY_ENTRY) for n in counts]
+    payload_xxh64 = [np.zeros(n, np.uint64) for n in counts]
+    plain_xxh64 = [np.zeros(n, np.uint64) for n in counts]
+    workers.run_segments(
+        lambda i, a, b: _assemble_bf16(
+            parts[i], cv, a, b, slots[i], slot_nbytes, sizes[i], blobs[i], layouts[i][0], layouts[i][1],
+            payload_xxh64[i], plain_xxh64[i],
+        ),
+        counts,
+        min_chunks,
+    )  # fmt: skip
+    encoded = []
+    for i, directory in enumerate(directories):
+        directory["payload_nbytes"] = sizes[i]
+        directory["payload_xxh64"] = payload_xxh64[i]
+        directory["plain_xxh64"] = plain_xxh64[i]
+        encoded.append(EncodedPart(blobs[i], counts[i], _finish(blobs[i], directory), histograms[i].sum(axis=0)))
+    return encoded
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,26 +388,57 @@ def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
 
 
 def decode_part(buf: np.ndarray, part: PartView, out: np.ndarray, workers: Workers, *, check: bool = True) -> None:
-    """Decode one part from ``buf`` into ``out`` (uint8, ``part.size`` bytes).
+    """Decode one part from ``buf`` into ``out`` (uint8, ``part.size`` bytes); see `decode_parts`."""
+    decode_parts([(buf, part, out, "")], workers, check=check)
+
+
+def decode_parts(
+    items: Sequence[tuple[np.ndarray, PartView, np.ndarray, str]], workers: Workers, *, check: bool = True
+) -> None:
+    """Decode several parts at once, the chunks of all of them spread over the worker threads.
+
+    Args:
+        items: ``(buf, part, out, label)``: the part lies in ``buf`` and decodes into ``out`` (uint8,
+            ``part.size`` bytes); ``label`` (say, the tensor's name) starts every error message about it.
+        workers: the threads.
+        check: verify every chunk's checksums just before decoding it.
 
     Raises:
-        ChecksumError: a checksum does not match (with ``check``), or a payload does not decode; the message names
-            the chunk, the stream and its file offset.
-        FormatError: the directory is inconsistent with the manifest.
+        ChecksumError: a checksum does not match, or a payload does not decode; the message names the part, the
+            chunk, the stream and its file offset.
+        FormatError: a directory is inconsistent with the manifest.
     """
-    layout = _Layout(buf, part)
-    enc = part.encoding
-    to_file = part.file_offset - part.offset
-    if isinstance(enc, Raw):
-        if check and layout.scan(buf, 0, part.n_chunks):
-            raise ChecksumError(_failures(part, layout)[0].describe())
-        out[:] = buf[part.offset + layout.directory.nbytes : part.offset + part.nbytes]
-        return
-    values = out.view(np.uint16)
-    results = workers.run_ranges(
-        lambda a, b: enc.coder.decode_chunks(buf, layout.chunks, a, b, values, check), part.n_chunks, layout.min_chunks
-    )
-    for chunk, stream, reason in results:
+    layouts = []
+    for buf, part, _, label in items:
+        try:
+            layouts.append(_Layout(buf, part))
+        except FormatError as exc:
+            raise type(exc)(_labelled(label, str(exc))) from None
+
+    def decode(i: int, first: int, last: int) -> tuple[int, str, str]:
+        buf, part, out, _ = items[i]
+        layout = layouts[i]
+        enc = part.encoding
+        if isinstance(enc, Raw):
+            if check and layout.scan(buf, first, last):
+                return first + int(np.flatnonzero(layout.bad_payload[first:last])[0]), "bytes", "checksum mismatch"
+            lo, hi = first * enc.chunk_bytes, min(part.size, last * enc.chunk_bytes)
+            start = part.offset + layout.directory.nbytes
+            out[lo:hi] = buf[start + lo : start + hi]
+            return -1, "", ""
+        return enc.coder.decode_chunks(buf, layout.chunks, first, last, out.view(np.uint16), check)
+
+    counts = [part.n_chunks for _, part, _, _ in items]
+    min_chunks = min((layout.min_chunks for layout in layouts), default=1)
+    results = workers.run_segments(lambda i, a, b: (i, decode(i, a, b)), counts, min_chunks)
+    for i, (chunk, stream, reason) in results:
         if chunk >= 0:
+            _, part, _, label = items[i]
+            layout = layouts[i]
             start = layout.plain_starts[chunk] if stream == PLAIN else layout.payload_starts[chunk]
-            raise ChecksumError(f"chunk {chunk} {stream}: {reason} (file offset {int(start) + to_file})")
+            offset = int(start) + part.file_offset - part.offset
+            raise ChecksumError(_labelled(label, f"chunk {chunk} {stream}: {reason} (file offset {offset})"))
+
+
+def _labelled(label: str, message: str) -> str:
+    return f"{label}: {message}" if label else message

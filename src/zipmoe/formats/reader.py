@@ -18,7 +18,7 @@ import numpy as np
 
 from zipmoe._threads import Workers
 from zipmoe.codecs.checksum import checksum
-from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part
+from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts
 from zipmoe.errors import ChecksumError, FormatError
 from zipmoe.formats.constants import CLASS_EXPERT, HEADER_NBYTES, MAX_MANIFEST_NBYTES, PART_ALIGNMENT
 from zipmoe.formats.header import FileHeader
@@ -224,12 +224,13 @@ class Container:
     def decode_tensor_into(
         self, tensor: TensorEntry, out: np.ndarray, *, workers: Workers | None = None, check: bool = True
     ) -> None:
-        """Decode ``tensor`` into ``out`` (uint8, ``tensor.size`` bytes)."""
-        workers = workers or Workers(1)
+        """Decode ``tensor`` into ``out`` (uint8, ``tensor.size`` bytes), all its parts at once."""
+        items = []
         position = 0
         for index, blob in enumerate(tensor.parts):
-            self._decode(tensor, index, self.data, 0, out[position : position + blob.size], workers, check)
+            items.append(self._item(tensor, index, self.data, 0, out[position : position + blob.size]))
             position += blob.size
+        self._decode(items, workers, check)
 
     def read_expert(
         self, layer: int, expert: int, *, workers: Workers | None = None, check: bool = True
@@ -239,23 +240,22 @@ class Container:
         if record is None:
             raise FormatError(f"{self.path}: no expert record for layer {layer}, expert {expert}")
         buf = np.array(self.data[record.offset : record.offset + record.nbytes])  # the one read
-        workers = workers or Workers(1)
         members = []
         for t_index, p_index in record.members:
             tensor = self.manifest.tensors[t_index]
-            out = np.empty(tensor.parts[p_index].size, np.uint8)
-            self._decode(tensor, p_index, buf, record.offset, out, workers, check)
-            members.append(DecodedMember(tensor, p_index, out))
+            members.append(DecodedMember(tensor, p_index, np.empty(tensor.parts[p_index].size, np.uint8)))
+        self._decode([self._item(m.tensor, m.part, buf, record.offset, m.data) for m in members], workers, check)
         return members
 
-    def _decode(
-        self, tensor: TensorEntry, part: int, buf: np.ndarray, base: int, out: np.ndarray, workers: Workers, check: bool
-    ) -> None:
+    def _item(self, tensor: TensorEntry, part: int, buf: np.ndarray, base: int, out: np.ndarray) -> tuple:
+        label = f"tensor {tensor.name!r}" + (f" part {part}" if tensor.fused else "")
+        return buf, self.part_view(tensor, part, base), out, label
+
+    def _decode(self, items: list[tuple], workers: Workers | None, check: bool) -> None:
         try:
-            decode_part(buf, self.part_view(tensor, part, base), out, workers, check=check)
+            decode_parts(items, workers or Workers(1), check=check)
         except FormatError as exc:
-            label = f"tensor {tensor.name!r}" + (f" part {part}" if tensor.fused else "")
-            raise type(exc)(f"{self.path}: {label}: {exc}") from None
+            raise type(exc)(f"{self.path}: {exc}") from None
 
     def read_blob(self, blob: Blob, label: str, *, check: bool = True) -> np.ndarray:
         """Decode a raw blob (embedded file, safetensors header, gap)."""
