@@ -47,7 +47,7 @@ DIRECTORY_ENTRY = np.dtype(
 )
 DEFAULT_CHUNK_VALUES = 1 << 16  # chosen with `zipmoe bench codecs` (docs/BENCHMARKS.md)
 DEFAULT_CHUNK_BYTES = 1 << 20
-_TASK_VALUES = 1 << 20  # values per thread-pool task: ~1 ms of work, well above the cost of handing it out
+_TASK_VALUES = 1 << 19  # values per thread-pool task at least: ~0.3 ms of work, well above the cost of handing it out
 MIN_CHUNK = 64
 MAX_CHUNK = 1 << 30
 
