@@ -23,11 +23,8 @@ from zipmoe.formats.checkpoint import Checkpoint
 
 # Imports what pack imports and runs its kernels once on a small buffer (loading the compiled code).
 _WARM_UP = (
-    "import json, sys, numpy as np; import zipmoe.cli.app; from zipmoe.codecs import parts;"
-    "from zipmoe._threads import Workers; from zipmoe._memory import peak_rss_bytes;"
-    "w = Workers(1); d = np.zeros(1 << 17, np.uint8); p = parts.encode_part(parts.Bf16Split(), d, w);"
-    "parts.decode_part(p.data, parts.PartView(parts.Bf16Split(), 0, p.data.size, d.size, p.n_chunks,"
-    " p.directory_xxh64, 0), d, w);"
+    "import json, sys; import zipmoe.cli.app; from zipmoe.codecs.parts import warm_up;"
+    "from zipmoe._memory import peak_rss_bytes; warm_up();"
 )
 _BASELINE_RSS = _WARM_UP + "print(peak_rss_bytes())"
 # Warm up, then pack sys.argv[1] into sys.argv[2] with sys.argv[3] threads (0: all) and report.

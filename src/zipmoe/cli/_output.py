@@ -74,3 +74,14 @@ def progress_bar(description: str, quiet: bool) -> Iterator[tuple[Callable[[int]
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(escape(description), total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+def prepare_codecs(quiet: bool) -> None:
+    """Load the compiled codecs (compiling them on the first run after installing) before timed work starts."""
+    from zipmoe.codecs.parts import warm_up
+
+    if quiet or not stderr.is_terminal:
+        warm_up()
+        return
+    with stderr.status("Preparing codecs (compiled once after installing, then cached)"):
+        warm_up()

@@ -9,7 +9,7 @@ import typer
 from zipmoe.bench.codecs import DEFAULT_CHUNKS, DEFAULT_CODERS, run_codec_bench
 from zipmoe.bench.pack import run_pack_bench
 from zipmoe.cli._options import JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, percent, print_json, stderr, stdout, table
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, table
 from zipmoe.demo import cached_demo_checkpoint
 from zipmoe.formats.checkpoint import open_checkpoint
 
@@ -51,6 +51,7 @@ def codecs(
 ) -> None:
     """Compression ratio and encode/decode GB/s of every exponent coder vs the entropy bound, zstd and zipnn."""
     source = _resolve(checkpoint)
+    prepare_codecs(quiet)
     try:
         chunk_values = tuple(int(c) for c in chunks.split(",") if c.strip())
     except ValueError:

@@ -9,7 +9,7 @@ import typer
 
 from zipmoe._memory import peak_rss_bytes
 from zipmoe.cli._options import ForceOpt, JsonOpt, QuietOpt, SourceArg, ThreadsOpt
-from zipmoe.cli._output import human_bytes, percent, print_json, progress_bar, stdout, table, warn
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, progress_bar, stdout, table, warn
 from zipmoe.codecs.coders import parse_coder
 from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES
 from zipmoe.pack import PackOptions
@@ -51,6 +51,7 @@ def command(
     options = PackOptions(
         coder=parse_coder(coder), chunk_values=chunk_values, threads=threads, verify=not no_verify, force=force
     )
+    prepare_codecs(quiet)
     with progress_bar(f"Packing {source}", quiet) as (start, advance):
         result = run_pack(
             source, output, options, progress_start=start, progress=advance, warn=None if quiet else warn

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from zipmoe.cli._options import ContainerArg, ForceOpt, JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, print_json, progress_bar, stdout, table
+from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stdout, table
 from zipmoe.unpack import unpack as run_unpack
 
 NAME = "unpack"
@@ -27,6 +27,7 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the packed checkpoint back out, byte-identical to the original files (SHA-256 checked)."""
+    prepare_codecs(quiet)
     with progress_bar(f"Unpacking {container}", quiet) as (start, advance):
         files = run_unpack(container, output, force=force, threads=threads, progress_start=start, progress=advance)
     if json_output:

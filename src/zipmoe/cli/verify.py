@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from zipmoe.cli._options import ContainerArg, JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, print_json, progress_bar, stderr, stdout
+from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stderr, stdout
 from zipmoe.verify import verify as run_verify
 
 NAME = "verify"
@@ -35,6 +35,7 @@ def command(
     quiet: QuietOpt = False,
 ) -> int:
     """Check structure, every checksum, and that every tensor decodes to its source (SHA-256, or bit for bit)."""
+    prepare_codecs(quiet)
     with progress_bar(f"Verifying {container}", quiet) as (start, advance):
         report = run_verify(container, source, threads=threads, progress_start=start, progress=advance)
     if json_output:
