@@ -58,7 +58,11 @@ def build_family(family: str, out: Path, *, fused: bool = False, max_shard_size:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     if fused:
         out.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            out / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         config.save_pretrained(out)
     elif max_shard_size:
         model.save_pretrained(out, max_shard_size=max_shard_size)
@@ -68,7 +72,7 @@ def build_family(family: str, out: Path, *, fused: bool = False, max_shard_size:
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> "CheckpointFactory":
+def checkpoints(tmp_path_factory) -> CheckpointFactory:
     return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"))
 
 
@@ -113,8 +117,15 @@ def copy_of(path: Path, tmp_path: Path) -> Path:
     return target
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]], *, metadata=None,
-                      header_suffix: bytes = b"", data_prefix: bytes = b"", data_suffix: bytes = b"") -> Path:
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, tuple[str, list[int], bytes]],
+    *,
+    metadata=None,
+    header_suffix: bytes = b"",
+    data_prefix: bytes = b"",
+    data_suffix: bytes = b"",
+) -> Path:
     """A safetensors file written by hand (any dtype, optional holes), to test what real writers may produce."""
     header: dict = {}
     data = bytearray(data_prefix)

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
+from conftest import copy_of
 from zipmoe.cli.app import main
 from zipmoe.formats.reader import Container
-
-from conftest import copy_of
 
 
 def run(capsys, *args):
@@ -37,7 +36,11 @@ def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
     code, stdout, _ = run(capsys, "pack", str(source), "-o", str(out), "--json")
     assert code == 0
     doc = json.loads(stdout)
-    assert doc["expert_records"] == 8 and doc["verified"] and 0.6 < doc["classes"]["expert"]["stored_bytes"] / doc["classes"]["expert"]["source_bytes"] < 0.7
+    assert (
+        doc["expert_records"] == 8
+        and doc["verified"]
+        and 0.6 < doc["classes"]["expert"]["stored_bytes"] / doc["classes"]["expert"]["source_bytes"] < 0.7
+    )
 
     code, stdout, _ = run(capsys, "verify", str(out), "--source", str(source))
     assert code == 0 and stdout.startswith("OK ")
@@ -107,8 +110,8 @@ def test_truncated_and_wrong_magic(capsys, checkpoints, tmp_path):
 
 def test_bench_codecs_json(capsys, checkpoints):
     code, stdout, _ = run(
-        capsys, "bench", "codecs", str(checkpoints.demo("tiny")), "--coders", "rans,zstd:1", "--chunk-values", "4096,16384",
-        "--repeat", "1", "--threads", "2", "--json", "--quiet",
+        capsys, "bench", "codecs", str(checkpoints.demo("tiny")), "--coders", "rans,zstd:1",
+        "--chunk-values", "4096,16384", "--repeat", "1", "--threads", "2", "--json", "--quiet",
     )  # fmt: skip
     assert code == 0
     doc = json.loads(stdout)

@@ -2,7 +2,15 @@
 
 import pytest
 
-from zipmoe.codecs.coders import Lz4Coder, Lz4HcCoder, RansCoder, ZstdCoder, coder_from_config, known_coders, parse_coder
+from zipmoe.codecs.coders import (
+    Lz4Coder,
+    Lz4HcCoder,
+    RansCoder,
+    ZstdCoder,
+    coder_from_config,
+    known_coders,
+    parse_coder,
+)
 from zipmoe.errors import UnknownCodecError
 
 

@@ -3,9 +3,9 @@
 import json
 import struct
 
-import numpy as np
 import pytest
 
+from conftest import copy_of
 from zipmoe.codecs.checksum import checksum
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
 from zipmoe.formats.constants import DEFAULT_ALIGNMENT, HEADER_NBYTES, MAGIC, PART_ALIGNMENT
@@ -14,8 +14,6 @@ from zipmoe.formats.reader import Container, as_array
 from zipmoe.formats.safetensors_file import read_safetensors_header
 from zipmoe.pack import PackOptions, pack
 from zipmoe.verify import verify
-
-from conftest import copy_of
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +40,19 @@ def test_layout(packed):
             parts = [m.tensors[t].parts[p] for t, p in record.members]
             assert [m.tensors[t].name.rsplit(".", 2)[-2] for t, _ in record.members] == ["w1", "w2", "w3"]
             assert all(p.offset % PART_ALIGNMENT == 0 for p in parts)
-            assert record.offset == parts[0].offset and parts[-1].offset + parts[-1].nbytes == record.offset + record.nbytes
+            assert (
+                record.offset == parts[0].offset
+                and parts[-1].offset + parts[-1].nbytes == record.offset + record.nbytes
+            )
         for t in m.tensors:
             if t.tensor_class == "dense":
                 assert t.parts[0].offset % DEFAULT_ALIGNMENT == 0
-        assert [f.name for f in m.files] == ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+        assert [f.name for f in m.files] == [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
         assert json.loads(c.read_file("config.json")) == json.loads((source / "config.json").read_text())
         assert all(not c.data[a:b].any() for a, b in c.padding_ranges())
 
@@ -60,10 +66,14 @@ def test_read_tensor_and_expert_equal_the_source(packed):
         for name, expected in by_name.items():
             assert c.read_tensor(name).tobytes() == expected
         members = c.read_expert(1, 2)
-        assert [m.tensor.name for m in members] == [f"model.layers.1.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3")]
+        assert [m.tensor.name for m in members] == [
+            f"model.layers.1.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3")
+        ]
         for m in members:
             assert m.data.tobytes() == by_name[m.tensor.name]
-            assert as_array(m.data, "BF16", m.shape).shape == (256, 128) if m.tensor.name.endswith("w1.weight") else True
+            assert (
+                as_array(m.data, "BF16", m.shape).shape == (256, 128) if m.tensor.name.endswith("w1.weight") else True
+            )
         with pytest.raises(FormatError, match="no expert record for layer 5"):
             c.read_expert(5, 0)
         with pytest.raises(FormatError, match="no tensor named 'nope'"):
@@ -87,7 +97,13 @@ def rewrite_manifest(path, mutate):
     doc = json.loads(data[header.manifest_offset :])
     mutate(doc)
     manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    new_header = FileHeader(header.alignment, header.manifest_offset + len(manifest), header.manifest_offset, len(manifest), checksum(manifest))
+    new_header = FileHeader(
+        header.alignment,
+        header.manifest_offset + len(manifest),
+        header.manifest_offset,
+        len(manifest),
+        checksum(manifest),
+    )
     path.write_bytes(new_header.pack() + bytes(data[HEADER_NBYTES : header.manifest_offset]) + manifest)
 
 
@@ -148,10 +164,22 @@ def test_header_and_manifest_checksums(damaged):
     [
         (lambda d: d["tensors"][0].update(shape=[1]), FormatError, "is 2 bytes, parts hold"),
         (lambda d: d["tensors"][0]["parts"][0].update(offset=7), FormatError, "misaligned or outside the data region"),
-        (lambda d: d["tensors"][1]["parts"][0].update(offset=d["tensors"][0]["parts"][0]["offset"]), FormatError, "overlaps"),
+        (
+            lambda d: d["tensors"][1]["parts"][0].update(offset=d["tensors"][0]["parts"][0]["offset"]),
+            FormatError,
+            "overlaps",
+        ),
         (lambda d: d["experts"][0]["members"].reverse(), FormatError, "outside the record or out of order"),
-        (lambda d: d["experts"][1].update(expert=d["experts"][0]["expert"], layer=d["experts"][0]["layer"]), FormatError, "duplicate"),
-        (lambda d: d["encodings"][0]["exponent_coder"].update(id="brotli"), UnknownCodecError, "unknown exponent coder 'brotli'"),
+        (
+            lambda d: d["experts"][1].update(expert=d["experts"][0]["expert"], layer=d["experts"][0]["layer"]),
+            FormatError,
+            "duplicate",
+        ),
+        (
+            lambda d: d["encodings"][0]["exponent_coder"].update(id="brotli"),
+            UnknownCodecError,
+            "unknown exponent coder 'brotli'",
+        ),
         (lambda d: d["tensors"][0].update(sha256="xyz"), FormatError, r"tensors\[0\]\.sha256: expected a SHA-256"),
         (lambda d: d.pop("experts"), FormatError, "missing field 'experts'"),
         (lambda d: d["safetensors"][0]["segments"].pop(), FormatError, "add up to"),

@@ -5,7 +5,9 @@ from zipmoe.formats.safetensors_file import SourceTensor
 
 
 def tensors(*specs):
-    return [SourceTensor(name, "BF16", tuple(shape), 0, 2 * int(__import__("math").prod(shape))) for name, shape in specs]
+    return [
+        SourceTensor(name, "BF16", tuple(shape), 0, 2 * int(__import__("math").prod(shape))) for name, shape in specs
+    ]
 
 
 def test_mixtral_per_expert():
@@ -63,5 +65,7 @@ def test_missing_config_or_expert_count():
     assert "no config.json" in classify(None, []).warnings[0]
     layout = classify({"model_type": "olmoe"}, tensors(("model.layers.0.mlp.experts.0.up_proj.weight", (2, 2))))
     assert layout.experts == {} and "no valid 'num_experts'" in layout.warnings[0]
-    layout = classify({"model_type": "olmoe", "num_experts": 2}, tensors(("model.layers.0.mlp.experts.5.up_proj.weight", (2, 2))))
+    layout = classify(
+        {"model_type": "olmoe", "num_experts": 2}, tensors(("model.layers.0.mlp.experts.5.up_proj.weight", (2, 2)))
+    )
     assert layout.experts == {} and "expert 5 >= num_experts=2" in layout.warnings[0]

@@ -4,12 +4,11 @@ import hashlib
 
 import pytest
 
+from conftest import FAMILIES, N_EXPERTS
 from zipmoe.formats.reader import Container
 from zipmoe.pack import pack
 from zipmoe.unpack import unpack
 from zipmoe.verify import verify
-
-from conftest import FAMILIES, N_EXPERTS
 
 # Routed-expert tensors per (layer, expert): Mixtral w1/w2/w3, the others gate/up/down projections.
 EXPERT_LAYERS = {"deepseek_v2": [1], "deepseek_v3": [1]}  # first_k_dense_replace=1: layer 0 is a dense MLP

@@ -22,7 +22,9 @@ def test_golden_container_reads_and_verifies(folder):
     report = verify(folder / "micro.zmoe", str(folder / "source"))
     assert report.ok, report.failures
     with Container(folder / "micro.zmoe") as c:
-        assert {name: hashlib.sha256(c.read_tensor(name)).hexdigest() for name in c.tensors} == expected["tensor_sha256"]
+        assert {name: hashlib.sha256(c.read_tensor(name)).hexdigest() for name in c.tensors} == expected[
+            "tensor_sha256"
+        ]
 
 
 def test_current_writer_reproduces_the_current_golden_file(tmp_path):
@@ -30,7 +32,11 @@ def test_current_writer_reproduces_the_current_golden_file(tmp_path):
     folder = VERSIONS[-1]
     options = json.loads((folder / "expected.json").read_text())["pack_options"]
     out = tmp_path / "again.zmoe"
-    pack(str(folder / "source"), out, PackOptions(coder=parse_coder(options["coder"]), chunk_values=options["chunk_values"], threads=1))
+    pack(
+        str(folder / "source"),
+        out,
+        PackOptions(coder=parse_coder(options["coder"]), chunk_values=options["chunk_values"], threads=1),
+    )
     with Container(folder / "micro.zmoe") as golden, Container(out) as again:
         assert golden.header.manifest_offset == again.header.manifest_offset
         end = golden.header.manifest_offset

@@ -14,7 +14,11 @@ def checkpoint(tmp_path, name, n_tensors):
     root.mkdir()
     (root / "config.json").write_text('{"model_type": "mixtral", "num_local_experts": 4}')
     tensors = {
-        f"model.layers.{i // 12}.block_sparse_moe.experts.{(i // 3) % 4}.w{i % 3 + 1}.weight": ("BF16", [1024, 1024], TENSOR)
+        f"model.layers.{i // 12}.block_sparse_moe.experts.{(i // 3) % 4}.w{i % 3 + 1}.weight": (
+            "BF16",
+            [1024, 1024],
+            TENSOR,
+        )
         for i in range(n_tensors)
     }
     write_safetensors(root / "model.safetensors", tensors)

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 import zipmoe.pack as pack_module
+from conftest import bf16_bytes, copy_of, write_safetensors
 from zipmoe.errors import CheckpointError, OutputError
 from zipmoe.formats.reader import Container
 from zipmoe.formats.writer import partial_path
 from zipmoe.pack import PackOptions, default_output, pack
 from zipmoe.unpack import unpack
 from zipmoe.verify import verify
-
-from conftest import bf16_bytes, copy_of, write_safetensors
 
 
 def sha(path):
@@ -92,7 +91,9 @@ def test_corrupt_safetensors_header(checkpoints, tmp_path):
     data = bytearray((source / "model.safetensors").read_bytes())
     data[8:10] = b"[["
     (source / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header: header is not UTF-8 JSON"):
+    with pytest.raises(
+        CheckpointError, match="model.safetensors: corrupt safetensors header: header is not UTF-8 JSON"
+    ):
         pack(str(source), tmp_path / "out.zmoe")
 
 
@@ -112,7 +113,13 @@ def test_every_dtype_and_holes_roundtrip_byte_identical(tmp_path):
         "model.empty": ("BF16", [0, 4], b""),
         "model.nan_inf": ("BF16", [6], np.array([0x7FC1, 0xFF80, 0x7F80, 0x8000, 0x0001, 0x8001], "<u2").tobytes()),
     }
-    write_safetensors(source / "model.safetensors", tensors, metadata={"format": "pt", "note": "holes"}, data_prefix=b"\x07" * 3, data_suffix=b"tail")
+    write_safetensors(
+        source / "model.safetensors",
+        tensors,
+        metadata={"format": "pt", "note": "holes"},
+        data_prefix=b"\x07" * 3,
+        data_suffix=b"tail",
+    )
     out = tmp_path / "odd.zmoe"
     pack(str(source), out)
     with Container(out) as c:
@@ -135,7 +142,9 @@ def test_unknown_architecture_packs_dense_with_a_warning(tmp_path):
     source = tmp_path / "llama"
     source.mkdir()
     (source / "config.json").write_text('{"model_type": "llama"}')
-    write_safetensors(source / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": ("BF16", [4, 4], bf16_bytes((4, 4)))})
+    write_safetensors(
+        source / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": ("BF16", [4, 4], bf16_bytes((4, 4)))}
+    )
     warnings = []
     result = pack(str(source), tmp_path / "l.zmoe", warn=warnings.append)
     assert result.family is None and result.n_expert_records == 0

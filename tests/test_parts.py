@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import bf16_bytes
 from zipmoe._threads import Workers
 from zipmoe.codecs.coders import parse_coder
 from zipmoe.codecs.parts import (
@@ -16,8 +17,6 @@ from zipmoe.codecs.parts import (
     encoding_from_config,
 )
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
-
-from conftest import bf16_bytes
 
 WORKERS = Workers(2)
 

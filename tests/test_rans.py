@@ -21,7 +21,12 @@ def values_with(exponents: np.ndarray) -> np.ndarray:
 def kernel_encode(values: np.ndarray) -> bytes:
     n = values.size
     out = np.zeros(rans.max_payload_nbytes(n), np.uint8)
-    scratch = (np.zeros(n // 2 + 1, np.uint32), np.zeros(256, np.int64), np.zeros(256, np.int64), np.zeros(257, np.int64))
+    scratch = (
+        np.zeros(n // 2 + 1, np.uint32),
+        np.zeros(256, np.int64),
+        np.zeros(256, np.int64),
+        np.zeros(257, np.int64),
+    )
     size = rans.encode_chunk(values, 0, n, out, 0, *scratch)
     return out[:size].tobytes()
 
@@ -35,7 +40,18 @@ def kernel_decode(payload: bytes, values: np.ndarray) -> tuple[int, np.ndarray]:
     buf[:n] = sm
     buf[start:] = np.frombuffer(payload, np.uint8)
     out = np.zeros(n, np.uint16)
-    status = rans.decode_chunk(buf, start, len(payload), buf, 0, out, 0, n, np.zeros(1 << rans.PRECISION_BITS, np.uint32), np.zeros(max(n, 1), np.uint8))
+    status = rans.decode_chunk(
+        buf,
+        start,
+        len(payload),
+        buf,
+        0,
+        out,
+        0,
+        n,
+        np.zeros(1 << rans.PRECISION_BITS, np.uint32),
+        np.zeros(max(n, 1), np.uint8),
+    )
     return status, out
 
 
@@ -85,7 +101,11 @@ def test_normalize_matches_reference():
         freqs = np.zeros(256, np.int64)
         rans.normalize_frequencies(counts, int(counts.sum()), freqs)
         assert freqs.tolist() == reference.normalize_frequencies(counts.tolist())
-        assert freqs.sum() == 1 << rans.PRECISION_BITS and np.all(freqs[counts > 0] >= 1) and np.all(freqs[counts == 0] == 0)
+        assert (
+            freqs.sum() == 1 << rans.PRECISION_BITS
+            and np.all(freqs[counts > 0] >= 1)
+            and np.all(freqs[counts == 0] == 0)
+        )
 
 
 def test_every_corrupted_byte_is_rejected_or_changes_nothing_silently():
@@ -140,6 +160,8 @@ def test_division_by_multiplication_is_exact():
         return np.uint64(0), np.uint64(0)
 
     rng = np.random.default_rng(7)
-    xs = np.concatenate([rng.integers(1, 2**63, 2000, dtype=np.uint64), np.array([1, 2, 3, 1023, 1024, 2**62, 2**63 - 1], np.uint64)])
+    xs = np.concatenate(
+        [rng.integers(1, 2**63, 2000, dtype=np.uint64), np.array([1, 2, 3, 1023, 1024, 2**62, 2**63 - 1], np.uint64)]
+    )
     freqs = np.arange(2, (1 << rans.PRECISION_BITS) + 1, dtype=np.uint64)
     assert first_wrong(xs, freqs, rans._RECIPROCAL, rans._RECIPROCAL_SHIFT) == (0, 0)

@@ -4,26 +4,34 @@ import struct
 
 import pytest
 
+from conftest import bf16_bytes, write_safetensors
 from zipmoe.errors import CheckpointError
 from zipmoe.formats.safetensors_file import read_safetensors_header, tensor_nbytes
-
-from conftest import bf16_bytes, write_safetensors
 
 
 def test_reads_a_file_written_by_safetensors(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    save_file({"b": torch.zeros(3, 4, dtype=torch.bfloat16), "a": torch.ones(5, dtype=torch.float32)}, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    save_file(
+        {"b": torch.zeros(3, 4, dtype=torch.bfloat16), "a": torch.ones(5, dtype=torch.float32)},
+        tmp_path / "m.safetensors",
+        metadata={"format": "pt"},
+    )
     f = read_safetensors_header(tmp_path / "m.safetensors")
     assert f.metadata == {"format": "pt"}
-    assert [(t.name, t.dtype, t.shape, t.nbytes) for t in f.tensors] == [("a", "F32", (5,), 20), ("b", "BF16", (3, 4), 24)]
+    assert [(t.name, t.dtype, t.shape, t.nbytes) for t in f.tensors] == [
+        ("a", "F32", (5,), 20),
+        ("b", "BF16", (3, 4), 24),
+    ]
     assert f.gaps == []
     assert f.tensors[0].start == f.header_nbytes
 
 
 def test_holes_and_trailing_bytes_are_gaps(tmp_path):
-    path = write_safetensors(tmp_path / "g.safetensors", {"x": ("BF16", [4], bf16_bytes((4,)))}, data_prefix=b"\x01\x02", data_suffix=b"zz")
+    path = write_safetensors(
+        tmp_path / "g.safetensors", {"x": ("BF16", [4], bf16_bytes((4,)))}, data_prefix=b"\x01\x02", data_suffix=b"zz"
+    )
     f = read_safetensors_header(path)
     assert f.gaps == [(f.header_nbytes, f.header_nbytes + 2), (f.header_nbytes + 10, f.nbytes)]
 
@@ -49,9 +57,20 @@ def header_file(tmp_path, header: bytes, data: bytes = b"", length: int | None =
         (b'{"x": 1}', b"", None, "entry 'x' is not an object"),
         (b'{"x": {"shape": [1], "data_offsets": [0, 2]}}', b"ab", None, "has no dtype"),
         (b'{"x": {"dtype": "BF16", "shape": [-1], "data_offsets": [0, 2]}}', b"ab", None, "invalid shape"),
-        (b'{"x": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 4]}}', b"ab", None, "outside the 2-byte data region"),
+        (
+            b'{"x": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 4]}}',
+            b"ab",
+            None,
+            "outside the 2-byte data region",
+        ),
         (b'{"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 2]}}', b"ab", None, "needs 4 bytes"),
-        (b'{"x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "y": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', b"ab", None, "overlaps"),
+        (
+            b'{"x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, '
+            b'"y": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}',
+            b"ab",
+            None,
+            "overlaps",
+        ),
         (b'{"__metadata__": 3}', b"", None, "__metadata__ is not an object"),
         (b"{}", b"", 1 << 40, "exceeds the 100000000-byte limit"),
         (b"{}", b"", 1000, "exceeds the file size"),

@@ -38,13 +38,17 @@ PRESETS = {
     # `make demo`: ~120 MB in three shards.
     "small": Preset(hidden=512, intermediate=1024, layers=4, experts=8, heads=8, kv_heads=4, max_shard_bytes=50 << 20),
     # `zipmoe bench`: Qwen1.5-MoE-A2.7B expert shapes (2048 x 1408), 6 experts, one layer.
-    "bench": Preset(hidden=2048, intermediate=1408, layers=1, experts=6, heads=16, kv_heads=16, max_shard_bytes=1 << 30),
+    "bench": Preset(
+        hidden=2048, intermediate=1408, layers=1, experts=6, heads=16, kv_heads=16, max_shard_bytes=1 << 30
+    ),
 }
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -167,7 +171,9 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
                 save_file(shard, out_dir / name, metadata={"format": "pt"})
                 weight_map.update({t: name for t in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _write_json(
+                out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
         config = mixtral_config(spec)
         _write_json(out_dir / "config.json", config)
         _write_json(
@@ -177,8 +183,14 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
         _write_json(out_dir / "tokenizer.json", tokenizer_json())
         _write_json(
             out_dir / "tokenizer_config.json",
-            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-             "model_max_length": 4096, "chat_template": _CHAT_TEMPLATE},
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 4096,
+                "chat_template": _CHAT_TEMPLATE,
+            },
         )  # fmt: skip
     except OSError as exc:
         raise OutputError(f"cannot write {out_dir}: {exc.strerror or exc}") from None

@@ -24,7 +24,16 @@ from zipmoe import __version__
 from zipmoe._threads import Workers
 from zipmoe.codecs.bf16 import entropy_bits
 from zipmoe.codecs.coders import ExponentCoder, RansCoder
-from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, EncodedPart, PartView, Raw, check_part, decode_part, encode_part
+from zipmoe.codecs.parts import (
+    DEFAULT_CHUNK_VALUES,
+    Bf16Split,
+    EncodedPart,
+    PartView,
+    Raw,
+    check_part,
+    decode_part,
+    encode_part,
+)
 from zipmoe.errors import OutputError, VerificationError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
 from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SUFFIX
@@ -336,10 +345,10 @@ class _Packer:
 
     def _pack_header(self, file_index: int) -> tuple[Blob, list[tuple[str, Any]]]:
         f = self.checkpoint.files[file_index]
-        header = self._pack_raw_bytes(self._read(file_index, 0, f.header_nbytes).copy(), f"header of {f.name}")
+        header = self._pack_raw_bytes(self._read(file_index, 0, f.header_nbytes), f"header of {f.name}")
         self.progress(f.header_nbytes)
         gaps = {
-            start: self._pack_raw_bytes(self._read(file_index, start, end - start).copy(), f"gap in {f.name}")
+            start: self._pack_raw_bytes(self._read(file_index, start, end - start), f"gap in {f.name}")
             for start, end in f.gaps
         }
         segments: list[tuple[str, Any]] = []
@@ -356,21 +365,26 @@ class _Packer:
                 continue
             self.stats[CLASS_EXPERT].n_tensors += 1
             if placement.expert is not None:
-                groups.setdefault((placement.layer, placement.expert), []).append((file_index, tensor.start, tensor, 0, 1))
+                groups.setdefault((placement.layer, placement.expert), []).append(
+                    (file_index, tensor.start, tensor, 0, 1)
+                )
                 self.parts[tensor.name] = [None]
             else:
                 n = tensor.shape[0]
                 self.parts[tensor.name] = [None] * n
                 for e in range(n):
                     key = (placement.layer, e)
-                    groups.setdefault(key, []).append((file_index, tensor.start + e * (tensor.nbytes // n), tensor, e, n))
+                    groups.setdefault(key, []).append(
+                        (file_index, tensor.start + e * (tensor.nbytes // n), tensor, e, n)
+                    )
         records = []
         for (layer, expert), members in sorted(groups.items()):
+            members.sort(key=lambda m: (m[0], m[1]))  # checkpoint order: (file, offset)
             self.writer.begin_expert()
-            for file_index, _, tensor, part, n_parts in sorted(members, key=lambda m: (m[0], m[1])):
+            for file_index, _, tensor, part, n_parts in members:
                 self.parts[tensor.name][part] = self._pack_part(file_index, tensor, part, n_parts, in_record=True)
             offset, nbytes = self.writer.end_expert()
-            member_ids = tuple((self.index[t.name], part) for _, _, t, part, _ in sorted(members, key=lambda m: (m[0], m[1])))
+            member_ids = tuple((self.index[t.name], part) for _, _, t, part, _ in members)
             records.append(ExpertRecord(layer, expert, offset, nbytes, member_ids))
         return tuple(records)
 

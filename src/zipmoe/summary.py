@@ -60,7 +60,12 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
     file_blobs = [f.blob for f in m.files] + [s.header for s in m.safetensors]
     file_blobs += [v for s in m.safetensors for kind, v in s.segments if kind == "gap"]
     sections.append(
-        Section("files and safetensors headers", len(file_blobs), sum(b.size for b in file_blobs), sum(b.nbytes for b in file_blobs))
+        Section(
+            "files and safetensors headers",
+            len(file_blobs),
+            sum(b.size for b in file_blobs),
+            sum(b.nbytes for b in file_blobs),
+        )
     )
     stored = sum(s.stored_bytes for s in sections)
     sections.append(Section("manifest", 1, 0, h.manifest_nbytes))

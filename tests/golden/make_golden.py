@@ -34,8 +34,16 @@ def source_tensors() -> dict[str, tuple[str, list[int], bytes]]:
     tensors: dict[str, tuple[str, list[int], bytes]] = {
         "model.embed_tokens.weight": ("BF16", [40, 32], bf16(rng.standard_normal((40, 32)) * 0.02)),
         "model.norm.weight": ("BF16", [32], bf16(np.ones(32))),  # a constant chunk
-        "model.layers.0.block_sparse_moe.gate.weight": ("F32", [2, 32], rng.standard_normal((2, 32)).astype("<f4").tobytes()),
-        "model.noise": ("BF16", [700], rng.integers(0, 1 << 16, 700, dtype=np.uint16).astype("<u2").tobytes()),  # stored mode
+        "model.layers.0.block_sparse_moe.gate.weight": (
+            "F32",
+            [2, 32],
+            rng.standard_normal((2, 32)).astype("<f4").tobytes(),
+        ),
+        "model.noise": (
+            "BF16",
+            [700],
+            rng.integers(0, 1 << 16, 700, dtype=np.uint16).astype("<u2").tobytes(),
+        ),  # stored mode
         "model.steps": ("I64", [3], np.array([1, -2, 3], "<i8").tobytes()),
     }
     for layer in range(2):

@@ -75,7 +75,10 @@ class CodecReport:
         return (8 + self.exponent_entropy) / 16
 
     def row(self, method: str, chunk_values: int | None = None) -> Row | None:
-        return next((r for r in self.rows if r.method == method and (chunk_values is None or r.chunk_values == chunk_values)), None)
+        return next(
+            (r for r in self.rows if r.method == method and (chunk_values is None or r.chunk_values == chunk_values)),
+            None,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,7 +109,9 @@ def load_tensors(checkpoint: Checkpoint, max_bytes: int, *, cast_bf16: bool = Fa
     layout = classify(checkpoint.config, [t for _, t in checkpoint.tensors.values()])
     ordered = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
     wanted = ("F32", "F16") if cast_bf16 else ("BF16",)
-    candidates = [(i, t) for i, t in ordered if t.dtype in wanted and t.nbytes > 0 and (not cast_bf16 or len(t.shape) >= 2)]
+    candidates = [
+        (i, t) for i, t in ordered if t.dtype in wanted and t.nbytes > 0 and (not cast_bf16 or len(t.shape) >= 2)
+    ]
     chosen = [(i, t) for i, t in candidates if t.name in layout.experts] or candidates
     out = []
     total = 0
@@ -138,13 +143,21 @@ class _Method:
 
 
 def _zipmoe_method(
-    tensors: list[tuple[str, np.ndarray]], coder: ExponentCoder, chunk_values: int, pools: dict[int, Workers],
-    *, check: bool = True, encode: bool = True,
+    tensors: list[tuple[str, np.ndarray]],
+    coder: ExponentCoder,
+    chunk_values: int,
+    pools: dict[int, Workers],
+    *,
+    check: bool = True,
+    encode: bool = True,
 ) -> _Method:
     encoding = Bf16Split(coder, chunk_values)
     datas = [d for _, d in tensors]
     parts = encode_parts(encoding, datas, pools[1])
-    views = [PartView(encoding, 0, p.data.size, d.size, p.n_chunks, p.directory_xxh64, 0) for p, (_, d) in zip(parts, tensors)]
+    views = [
+        PartView(encoding, 0, p.data.size, d.size, p.n_chunks, p.directory_xxh64, 0)
+        for p, (_, d) in zip(parts, tensors)
+    ]
     outs = [np.empty(d.size, np.uint8) for _, d in tensors]
     for (name, d), v, p, o in zip(tensors, views, parts, outs):
         decode_part(p.data, v, o, pools[1])

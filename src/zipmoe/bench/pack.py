@@ -94,11 +94,15 @@ def _read_all(checkpoint: Checkpoint) -> float:
 def _child(args: list[str]) -> str:
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if result.returncode != 0:
-        raise ZipmoeError(f"benchmark child failed: {result.stderr.strip().splitlines()[-1] if result.stderr else result.returncode}")
+        raise ZipmoeError(
+            f"benchmark child failed: {result.stderr.strip().splitlines()[-1] if result.stderr else result.returncode}"
+        )
     return result.stdout
 
 
-def run_pack_bench(checkpoint: Checkpoint, source: str, *, threads: int | None = None, repeat: int = 2) -> PackBenchReport:
+def run_pack_bench(
+    checkpoint: Checkpoint, source: str, *, threads: int | None = None, repeat: int = 2
+) -> PackBenchReport:
     """Pack ``source`` ``repeat`` times warm and cold in child processes (best kept), and read it as the baseline."""
     _read_all(checkpoint)  # warm the page cache, as pack's first read would
     read_seconds = min(_read_all(checkpoint) for _ in range(repeat))
@@ -107,7 +111,9 @@ def run_pack_bench(checkpoint: Checkpoint, source: str, *, threads: int | None =
     cold = float("inf")
     with tempfile.TemporaryDirectory(prefix="zipmoe-bench-") as tmp:
         out = Path(tmp) / "bench.zmoe"
-        cli = ["-m", "zipmoe", "pack", source, "-o", str(out), "--force", "--quiet"] + (["--threads", str(threads)] if threads else [])
+        cli = ["-m", "zipmoe", "pack", source, "-o", str(out), "--force", "--quiet"] + (
+            ["--threads", str(threads)] if threads else []
+        )
         for _ in range(repeat):
             result = json.loads(_child(["-c", _WARM_PACK, source, str(out), str(threads or 0)]))
             if best is None or result["seconds"] < best["seconds"]:

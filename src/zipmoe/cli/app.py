@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ZipmoeError, OSError) as exc:
         if os.environ.get("ZIPMOE_DEBUG"):
             raise
-        message = str(exc) if isinstance(exc, ZipmoeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        message = (
+            str(exc) if isinstance(exc, ZipmoeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        )
         stderr.print(f"[red]Error:[/red] {message}")
         sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):

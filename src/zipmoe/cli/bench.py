@@ -44,7 +44,10 @@ def codecs(
     threads: ThreadsOpt = None,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed rounds per measurement; the best is kept.")] = 5,
     cast_bf16: Annotated[
-        bool, typer.Option("--cast-bf16", help="Measure F32/F16 weight matrices rounded to BF16 (real models stored in F32).")
+        bool,
+        typer.Option(
+            "--cast-bf16", help="Measure F32/F16 weight matrices rounded to BF16 (real models stored in F32)."
+        ),
     ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -55,7 +58,9 @@ def codecs(
     try:
         chunk_values = tuple(int(c) for c in chunks.split(",") if c.strip())
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {chunks!r}", param_hint="--chunk-values") from None
+        raise typer.BadParameter(
+            f"expected comma-separated integers, got {chunks!r}", param_hint="--chunk-values"
+        ) from None
     report = run_codec_bench(
         open_checkpoint(source),
         max_bytes=max_mb * 1_000_000,
@@ -74,11 +79,29 @@ def codecs(
     n = report.threads[-1]
     cast = " (cast from F32/F16)" if report.cast_bf16 else ""
     title = (
-        f"Exponent coders on {report.checkpoint}: {report.n_tensors} tensors, {human_bytes(report.source_bytes)} BF16{cast}, "
-        f"exponent entropy {report.exponent_entropy:.3f} bits; GB/s of BF16, best of {repeat}"
+        f"Exponent coders on {report.checkpoint}: {report.n_tensors} tensors, "
+        f"{human_bytes(report.source_bytes)} BF16{cast}, exponent entropy {report.exponent_entropy:.3f} bits; "
+        f"GB/s of BF16, best of {repeat}"
     )
-    t = table("method", "chunk", "ratio", "vs zipnn", "enc 1T", f"enc {n}T", "dec 1T", f"dec {n}T", "dec 1T vs zipnn", title=title)
-    t.add_row("order-0 entropy bound (8+H)/16", "-", percent(report.entropy_bound), _vs(report.entropy_bound, zipnn.ratio if has_zipnn else None), *["-"] * 5)
+    t = table(
+        "method",
+        "chunk",
+        "ratio",
+        "vs zipnn",
+        "enc 1T",
+        f"enc {n}T",
+        "dec 1T",
+        f"dec {n}T",
+        "dec 1T vs zipnn",
+        title=title,
+    )
+    t.add_row(
+        "order-0 entropy bound (8+H)/16",
+        "-",
+        percent(report.entropy_bound),
+        _vs(report.entropy_bound, zipnn.ratio if has_zipnn else None),
+        *["-"] * 5,
+    )
     for r in report.rows:
         name = r.method + (f" ({r.note})" if r.note else "")
         t.add_row(
@@ -108,13 +131,20 @@ def pack(
     if json_output:
         print_json(report.to_json())
         return
-    t = table("measure", "value", title=f"pack on {report.checkpoint}: {human_bytes(report.source_bytes)}, best of {repeat}")
+    t = table(
+        "measure", "value", title=f"pack on {report.checkpoint}: {human_bytes(report.source_bytes)}, best of {repeat}"
+    )
     t.add_row("read the safetensors files (baseline)", f"{report.read_mbps:.0f} MB/s")
-    t.add_row("pack, verification included (kernels loaded)", f"{report.pack_mbps:.0f} MB/s ({report.pack_mbps / report.read_mbps:.2f}x the read)")
+    t.add_row(
+        "pack, verification included (kernels loaded)",
+        f"{report.pack_mbps:.0f} MB/s ({report.pack_mbps / report.read_mbps:.2f}x the read)",
+    )
     t.add_row("zipmoe pack end to end (cold process)", f"{report.cold_mbps:.0f} MB/s ({report.cold_seconds:.2f} s)")
     t.add_row("container / source", percent(report.container_bytes / report.source_bytes))
     t.add_row("largest tensor", human_bytes(report.largest_tensor_bytes))
-    t.add_row("pack memory (peak RSS - import baseline)", human_bytes(report.peak_rss_bytes - report.baseline_rss_bytes))
+    t.add_row(
+        "pack memory (peak RSS - import baseline)", human_bytes(report.peak_rss_bytes - report.baseline_rss_bytes)
+    )
     t.add_row("peak RSS", human_bytes(report.peak_rss_bytes))
     stdout.print(t)
 

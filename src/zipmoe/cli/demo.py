@@ -28,4 +28,6 @@ def command(
     out = build_demo_checkpoint(directory, preset, seed, force)
     files = sorted(p for p in out.iterdir() if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    stdout.print(f"Wrote {out}: {len(files)} files, {human_bytes(total)} (Mixtral architecture, preset {preset!r}, seed {seed})")
+    stdout.print(
+        f"Wrote {out}: {len(files)} files, {human_bytes(total)} (Mixtral architecture, preset {preset!r}, seed {seed})"
+    )

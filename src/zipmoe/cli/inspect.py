@@ -34,8 +34,16 @@ def command(
         return
     model = doc["model"]
     source = doc["source"]
-    where = f"{source['name']}@{source.get('commit') or source.get('revision') or 'main'}" if source["kind"] == "hub" else source["name"]
-    stdout.print(f"[bold]{escape(doc['path'])}[/bold]: zipmoe container v{doc['format_version']}, {human_bytes(doc['file_bytes'])}, {escape(doc['created_by'])}")
+    where = (
+        f"{source['name']}@{source.get('commit') or source.get('revision') or 'main'}"
+        if source["kind"] == "hub"
+        else source["name"]
+    )
+    size = human_bytes(doc["file_bytes"])
+    stdout.print(
+        f"[bold]{escape(doc['path'])}[/bold]: zipmoe container v{doc['format_version']}, {size}, "
+        f"{escape(doc['created_by'])}"
+    )
     stdout.print(f"source    {source['kind']}: {escape(where)}")
     if model.get("family"):
         stdout.print(
@@ -43,26 +51,41 @@ def command(
             f"{model['n_experts']} experts per layer, {doc['n_expert_records']} expert records"
         )
     else:
-        stdout.print(f"model     {model.get('model_type') or 'unknown'}: no routed experts recognised, all tensors dense")
+        stdout.print(
+            f"model     {model.get('model_type') or 'unknown'}: no routed experts recognised, all tensors dense"
+        )
     for config in doc["encodings"]:
         stdout.print(f"encoding  {escape(_describe(config))}")
     t = table("section", "count", "source", "stored", "ratio", "exp. entropy", "bound (8+H)/16")
     for s in doc["sections"]:
         entropy = "-" if s["exponent_entropy"] is None else f"{s['exponent_entropy']:.3f} bits"
         style = "bold" if s["name"] == "total" else None
-        t.add_row(s["name"], str(s["count"]), human_bytes(s["source_bytes"]) if s["source_bytes"] else "-",
-                  human_bytes(s["stored_bytes"]), percent(s["ratio"]), entropy, percent(s["entropy_bound"]), style=style)  # fmt: skip
+        source = human_bytes(s["source_bytes"]) if s["source_bytes"] else "-"
+        stored = human_bytes(s["stored_bytes"])
+        t.add_row(
+            s["name"],
+            str(s["count"]),
+            source,
+            stored,
+            percent(s["ratio"]),
+            entropy,
+            percent(s["entropy_bound"]),
+            style=style,
+        )
     stdout.print(t)
     if tensors:
         tt = table("tensor", "dtype", "shape", "class", "stored", "ratio", "exp. entropy")
         for x in doc["tensors"]:
             entropy = "-" if x["exponent_entropy"] is None else f"{x['exponent_entropy']:.3f}"
-            tt.add_row(escape(x["name"]), x["dtype"], "x".join(map(str, x["shape"])), x["class"], human_bytes(x["stored_bytes"]), percent(x["ratio"]), entropy)  # fmt: skip
+            shape = "x".join(map(str, x["shape"]))
+            stored = human_bytes(x["stored_bytes"])
+            tt.add_row(escape(x["name"]), x["dtype"], shape, x["class"], stored, percent(x["ratio"]), entropy)
         stdout.print(tt)
 
 
 def _describe(config: dict) -> str:
     if config["id"] == "bf16-split":
-        coder = ", ".join(f"{k}={v}" for k, v in config["exponent_coder"].items() if k != "id")
-        return f"bf16-split: exponents {config['exponent_coder']['id']} ({coder}), {config['chunk_values']} values per chunk"
+        coder = config["exponent_coder"]
+        params = ", ".join(f"{k}={v}" for k, v in coder.items() if k != "id")
+        return f"bf16-split: exponents {coder['id']} ({params}), {config['chunk_values']} values per chunk"
     return f"{config['id']}: {config.get('chunk_bytes', '')} bytes per chunk"

@@ -53,9 +53,7 @@ def command(
     )
     prepare_codecs(quiet)
     with progress_bar(f"Packing {source}", quiet) as (start, advance):
-        result = run_pack(
-            source, output, options, progress_start=start, progress=advance, warn=None if quiet else warn
-        )
+        result = run_pack(source, output, options, progress_start=start, progress=advance, warn=None if quiet else warn)
     peak_rss = peak_rss_bytes()
     if json_output:
         print_json(
@@ -78,13 +76,32 @@ def command(
         return
     speed = result.source_bytes / result.seconds / 1e6 if result.seconds else 0.0
     checked = "verified" if result.verified else "not verified (--no-verify)"
-    t = table("", "tensors", "source", "stored", "ratio", title=f"{result.path}: {result.source} ({result.family or 'dense only'})")
+    t = table(
+        "",
+        "tensors",
+        "source",
+        "stored",
+        "ratio",
+        title=f"{result.path}: {result.source} ({result.family or 'dense only'})",
+    )
     for key, label in _ROWS:
         s = result.stats[key]
         if s["source_bytes"]:
             count = str(s["n_tensors"]) if key != "files" else ""
-            t.add_row(label, count, human_bytes(s["source_bytes"]), human_bytes(s["stored_bytes"]), percent(s["stored_bytes"] / s["source_bytes"]))
-    t.add_row("container", str(result.n_tensors), human_bytes(result.source_bytes), human_bytes(result.container_bytes), percent(result.ratio), style="bold")
+            t.add_row(
+                label,
+                count,
+                human_bytes(s["source_bytes"]),
+                human_bytes(s["stored_bytes"]),
+                percent(s["stored_bytes"] / s["source_bytes"]),
+            )
+    t.add_row(
+        "container",
+        str(result.n_tensors),
+        human_bytes(result.source_bytes),
+        human_bytes(result.container_bytes),
+        percent(result.ratio),
+        style="bold",
+    )
     stdout.print(t)
     stdout.print(f"{result.n_expert_records} expert records; {result.seconds:.1f} s ({speed:.0f} MB/s); {checked}")
-

@@ -31,7 +31,12 @@ def command(
     with progress_bar(f"Unpacking {container}", quiet) as (start, advance):
         files = run_unpack(container, output, force=force, threads=threads, progress_start=start, progress=advance)
     if json_output:
-        print_json({"directory": str(output), "files": [{"name": f.name, "bytes": f.nbytes, "sha256": f.sha256} for f in files]})
+        print_json(
+            {
+                "directory": str(output),
+                "files": [{"name": f.name, "bytes": f.nbytes, "sha256": f.sha256} for f in files],
+            }
+        )
         return
     t = table("file", "size", "sha256", title=f"{output}: {len(files)} files, SHA-256 equal to the packed originals")
     for f in files:

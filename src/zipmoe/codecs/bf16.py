@@ -48,8 +48,10 @@ def merge_bf16(exponents, sign_mantissa, out):  # pragma: no cover - compiled
     """Rebuild uint16 BF16 bit patterns from the two planes (exact inverse of `split_bf16`)."""
     for i in range(out.size):
         sm = np.uint16(sign_mantissa[i])
-        out[i] = ((sm & np.uint16(0x80)) << np.uint16(8)) | (np.uint16(exponents[i]) << np.uint16(7)) | (
-            sm & np.uint16(0x7F)
+        out[i] = (
+            ((sm & np.uint16(0x80)) << np.uint16(8))
+            | (np.uint16(exponents[i]) << np.uint16(7))
+            | (sm & np.uint16(0x7F))
         )
 
 

@@ -119,7 +119,9 @@ class RansCoder(ExponentCoder, codec_id="rans"):
     def from_config(cls, config: dict[str, Any]) -> RansCoder:
         expected = cls().get_config()
         if config != expected:
-            raise UnknownCodecError(f"rans exponent coder: unsupported parameters {config} (this zipmoe reads {expected})")
+            raise UnknownCodecError(
+                f"rans exponent coder: unsupported parameters {config} (this zipmoe reads {expected})"
+            )
         return cls()
 
     def max_payload_nbytes(self, chunk_values: int) -> int:
@@ -135,7 +137,11 @@ class RansCoder(ExponentCoder, codec_id="rans"):
         )  # fmt: skip
         if chunk < 0:
             return -1, "", ""
-        return int(chunk), PLAIN if status == rans.BAD_PLAIN_CHECKSUM else PAYLOAD, rans.rans_status_message(int(status))
+        return (
+            int(chunk),
+            PLAIN if status == rans.BAD_PLAIN_CHECKSUM else PAYLOAD,
+            rans.rans_status_message(int(status)),
+        )
 
 
 class _ByteCoder(ExponentCoder, ABC):
@@ -151,9 +157,8 @@ class _ByteCoder(ExponentCoder, ABC):
         else:
             level = self.default_level if level is None else level
             if level not in self.levels:
-                raise UnknownCodecError(
-                    f"{self.codec_id} exponent coder: level {level} is outside {self.levels.start}..{self.levels.stop - 1}"
-                )
+                first, last = self.levels.start, self.levels.stop - 1
+                raise UnknownCodecError(f"{self.codec_id} exponent coder: level {level} is outside {first}..{last}")
         self.level = level
 
     def get_config(self) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def encoding_from_config(config: Any) -> Encoding:
     kind = config.get("id")
     if kind == Bf16Split.encoding_id:
         if set(config) != {"id", "exponent_coder", "chunk_values"}:
-            raise FormatError(f"bf16-split encoding: expected keys id, exponent_coder, chunk_values, got {sorted(config)}")
+            raise FormatError(
+                f"bf16-split encoding: expected keys id, exponent_coder, chunk_values, got {sorted(config)}"
+            )
         return Bf16Split(coder_from_config(config["exponent_coder"]), config["chunk_values"])
     if kind == Raw.encoding_id:
         if set(config) != {"id", "chunk_bytes"}:
@@ -153,8 +155,20 @@ class ChunkFailure:
 
 
 @njit(nogil=True, cache=True)
-def _assemble_bf16(values, chunk_values, first, last, slots, slot_nbytes, sizes, blob, sm_start, payload_starts,
-                   payload_xxh64, plain_xxh64):  # pragma: no cover - compiled
+def _assemble_bf16(
+    values,
+    chunk_values,
+    first,
+    last,
+    slots,
+    slot_nbytes,
+    sizes,
+    blob,
+    sm_start,
+    payload_starts,
+    payload_xxh64,
+    plain_xxh64,
+):  # pragma: no cover - compiled
     for c in range(first, last):
         lo = c * chunk_values
         hi = min(values.size, lo + chunk_values)
@@ -225,7 +239,7 @@ def _encode_raw(encoding: Raw, data: np.ndarray) -> EncodedPart:
     return EncodedPart(blob, n_chunks, _finish(blob, directory), None)
 
 
-def _bf16_layout(encoding: Bf16Split, n_values: int, payload_nbytes: np.ndarray) -> tuple[int, np.ndarray, int]:
+def _bf16_layout(n_values: int, payload_nbytes: np.ndarray) -> tuple[int, np.ndarray, int]:
     """(sm_start, payload_starts, total size) of a bf16-split part."""
     sm_start = payload_nbytes.size * DIRECTORY_ENTRY.itemsize
     padded = (payload_nbytes.astype(np.int64) + 7) & ~7
@@ -251,7 +265,7 @@ def _encode_bf16(encoding: Bf16Split, parts: list[np.ndarray], workers: Workers)
         counts,
         min_chunks,
     )
-    layouts = [_bf16_layout(encoding, v.size, z) for v, z in zip(parts, sizes)]
+    layouts = [_bf16_layout(v.size, z) for v, z in zip(parts, sizes)]
     blobs = [np.zeros(total, np.uint8) for _, _, total in layouts]
     directories = [np.zeros(n, DIRECTORY_ENTRY) for n in counts]
     payload_xxh64 = [np.zeros(n, np.uint64) for n in counts]
@@ -305,6 +319,8 @@ class _Layout:
             raise ChecksumError(f"chunk directory: checksum mismatch (file offset {part.file_offset})")
         self.directory = buf[part.offset : part.offset + dir_nbytes].view(DIRECTORY_ENTRY)
         payload_nbytes = self.directory["payload_nbytes"].astype(np.int64)
+        self.payload_xxh64 = np.ascontiguousarray(self.directory["payload_xxh64"])
+        self.plain_xxh64 = np.ascontiguousarray(self.directory["plain_xxh64"])
         base = part.offset
         if isinstance(enc, Raw):
             self.plain_starts = None
@@ -317,7 +333,7 @@ class _Layout:
             n_values = part.size // 2
             if part.size % 2 or payload_nbytes.max(initial=0) > enc.coder.max_payload_nbytes(enc.chunk_values):
                 raise FormatError(f"bf16 part at file offset {part.file_offset}: inconsistent sizes")
-            sm_start, starts, total = _bf16_layout(enc, n_values, payload_nbytes)
+            sm_start, starts, total = _bf16_layout(n_values, payload_nbytes)
             if total != part.nbytes:
                 raise FormatError(
                     f"bf16 part at file offset {part.file_offset}: directory describes {total} bytes, "
@@ -329,14 +345,9 @@ class _Layout:
             self.plain_starts = self.sm_start + chunk_lo
             self.plain_sizes = np.minimum(n_values - chunk_lo, enc.chunk_values)
             self.chunks = ChunkLayout(
-                self.payload_starts,
-                payload_nbytes,
-                np.ascontiguousarray(self.directory["payload_xxh64"]),
-                np.ascontiguousarray(self.directory["plain_xxh64"]),
-                self.sm_start,
-                enc.chunk_values,
-                n_values,
-            )
+                self.payload_starts, payload_nbytes, self.payload_xxh64, self.plain_xxh64, self.sm_start,
+                enc.chunk_values, n_values,
+            )  # fmt: skip
         self.payload_sizes = payload_nbytes
 
         n = part.n_chunks
@@ -350,10 +361,13 @@ class _Layout:
 
     def scan(self, buf: np.ndarray, first: int, last: int) -> int:
         """Check the checksums of chunks ``first..last-1`` (flags in ``bad_payload``/``bad_plain``); count failures."""
-        d = self.directory
-        n_bad = _find_bad_chunks(buf, self.payload_starts, self.payload_sizes, d["payload_xxh64"], first, last, self.bad_payload)
+        n_bad = _find_bad_chunks(
+            buf, self.payload_starts, self.payload_sizes, self.payload_xxh64, first, last, self.bad_payload
+        )
         if self.bad_plain is not None:
-            n_bad += _find_bad_chunks(buf, self.plain_starts, self.plain_sizes, d["plain_xxh64"], first, last, self.bad_plain)
+            n_bad += _find_bad_chunks(
+                buf, self.plain_starts, self.plain_sizes, self.plain_xxh64, first, last, self.bad_plain
+            )
             n_bad += _find_bad_padding(buf, self.payload_starts, self.payload_sizes, first, last, self.bad_padding)
         return n_bad
 
@@ -377,8 +391,7 @@ def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
     ]
     if layout.bad_plain is not None:
         failures += [
-            ChunkFailure(int(c), PLAIN, int(layout.plain_starts[c]) + to_file)
-            for c in np.flatnonzero(layout.bad_plain)
+            ChunkFailure(int(c), PLAIN, int(layout.plain_starts[c]) + to_file) for c in np.flatnonzero(layout.bad_plain)
         ]
     failures += [
         ChunkFailure(int(c), "padding", int(layout.payload_starts[c]) + to_file, "nonzero alignment padding")

@@ -235,7 +235,16 @@ def encode_chunk(values, lo, hi, out, pos, words, counts, freqs, cum):  # pragma
         if 4 * (words.size - np.int64(top)) >= budget:
             return _store(values, lo, hi, out, pos)
     states = np.empty(LANES, np.uint64)
-    states[0], states[1], states[2], states[3], states[4], states[5], states[6], states[7] = x0, x1, x2, x3, x4, x5, x6, x7
+    states[0], states[1], states[2], states[3], states[4], states[5], states[6], states[7] = (
+        x0,
+        x1,
+        x2,
+        x3,
+        x4,
+        x5,
+        x6,
+        x7,
+    )
     top = np.int64(top)
 
     # Header, table, tail, states, words.
@@ -302,7 +311,9 @@ def decode_chunk(payload, start, size, sign_mantissa, sm_start, out, out_start, 
     if mode == MODE_STORED:
         if size != n + 2:
             return BAD_SIZE
-        merge_bf16(payload[start + 2 : start + 2 + n], sign_mantissa[sm_start : sm_start + n], out[out_start : out_start + n])
+        merge_bf16(
+            payload[start + 2 : start + 2 + n], sign_mantissa[sm_start : sm_start + n], out[out_start : out_start + n]
+        )
         return OK
     if mode != MODE_RANS:
         return BAD_MODE
@@ -332,7 +343,16 @@ def decode_chunk(payload, start, size, sign_mantissa, sm_start, out, out_start, 
     tail = start + 2 + 3 * n_symbols
     first_state = start + header
     states = payload[first_state : first_state + 8 * LANES].view(np.uint64)
-    x0, x1, x2, x3, x4, x5, x6, x7 = states[0], states[1], states[2], states[3], states[4], states[5], states[6], states[7]
+    x0, x1, x2, x3, x4, x5, x6, x7 = (
+        states[0],
+        states[1],
+        states[2],
+        states[3],
+        states[4],
+        states[5],
+        states[6],
+        states[7],
+    )
     words = payload[first_state + 8 * LANES : start + size].view(np.uint32)
     n_words = _U(words.size)
     p = _U(0)
@@ -454,8 +474,20 @@ def encode_chunks(values, chunk_values, first, last, slots, slot_nbytes, sizes, 
 
 
 @njit(nogil=True, cache=True)
-def decode_chunks(blob, payload_starts, payload_sizes, payload_xxh64, plain_xxh64, sm_start, chunk_values, n_values,
-                  first, last, out, check):  # pragma: no cover - compiled
+def decode_chunks(
+    blob,
+    payload_starts,
+    payload_sizes,
+    payload_xxh64,
+    plain_xxh64,
+    sm_start,
+    chunk_values,
+    n_values,
+    first,
+    last,
+    out,
+    check,
+):  # pragma: no cover - compiled
     """Decode chunks ``first..last-1`` of a part held in ``blob`` into ``out`` (uint16, ``n_values`` long).
 
     With ``check``, each chunk's payload and sign-mantissa checksums are verified just before it is decoded (its

@@ -144,7 +144,9 @@ def _open_dir(root: Path, source: CheckpointSource) -> Checkpoint:
     for i, f in enumerate(files):
         for t in f.tensors:
             if t.name in tensors:
-                raise CheckpointError(f"{root}: tensor {t.name!r} is in both {files[tensors[t.name][0]].name} and {f.name}")
+                raise CheckpointError(
+                    f"{root}: tensor {t.name!r} is in both {files[tensors[t.name][0]].name} and {f.name}"
+                )
             tensors[t.name] = (i, t)
     return Checkpoint(root, source, config, aux, files, tensors)
 

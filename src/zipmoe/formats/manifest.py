@@ -138,7 +138,9 @@ class SafetensorsEntry:
             "nbytes": self.nbytes,
             "sha256": self.sha256,
             "header": self.header.to_json(),
-            "segments": [[kind, value.to_json() if isinstance(value, Blob) else value] for kind, value in self.segments],
+            "segments": [
+                [kind, value.to_json() if isinstance(value, Blob) else value] for kind, value in self.segments
+            ],
         }
 
 
@@ -266,12 +268,16 @@ class _Parser:
             )
             for i, f in enumerate(self.get(doc, "files", list, where))
         )
-        tensors = tuple(self.tensor(t, f"tensors[{i}]", len(encodings)) for i, t in enumerate(self.get(doc, "tensors", list, where)))
+        tensors = tuple(
+            self.tensor(t, f"tensors[{i}]", len(encodings)) for i, t in enumerate(self.get(doc, "tensors", list, where))
+        )
         safetensors = tuple(
             self.safetensors(s, f"safetensors[{i}]", len(tensors))
             for i, s in enumerate(self.get(doc, "safetensors", list, where))
         )
-        experts = tuple(self.expert(e, f"experts[{i}]", tensors) for i, e in enumerate(self.get(doc, "experts", list, where)))
+        experts = tuple(
+            self.expert(e, f"experts[{i}]", tensors) for i, e in enumerate(self.get(doc, "experts", list, where))
+        )
         for i, t in enumerate(tensors):
             if t.file >= len(safetensors):
                 raise self.fail(f"tensors[{i}].file", f"index {t.file} out of range ({len(safetensors)} files)")

@@ -34,7 +34,7 @@ NUMPY_DTYPES = {
 
 
 def as_array(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """View decoded bytes as a numpy array of the tensor's shape (uint16 for BF16; flat uint8 for dtypes numpy lacks)."""
+    """View decoded bytes as an array of the tensor's shape (uint16 for BF16; flat uint8 for dtypes numpy lacks)."""
     np_dtype = NUMPY_DTYPES.get(dtype)
     if np_dtype is None:
         return data
@@ -119,9 +119,17 @@ class Container:
                 tensor = m.tensors[t_index]
                 part = tensor.parts[p_index]
                 if tensor.tensor_class != CLASS_EXPERT or (t_index, p_index) in in_record:
-                    raise FormatError(f"{name}: {label}: member {tensor.name!r} is not an expert part or is listed twice")
-                if part.offset < position or part.offset % PART_ALIGNMENT or part.offset + part.nbytes > rec.offset + rec.nbytes:
-                    raise FormatError(f"{name}: {label}: member {tensor.name!r} lies outside the record or out of order")
+                    raise FormatError(
+                        f"{name}: {label}: member {tensor.name!r} is not an expert part or is listed twice"
+                    )
+                if (
+                    part.offset < position
+                    or part.offset % PART_ALIGNMENT
+                    or part.offset + part.nbytes > rec.offset + rec.nbytes
+                ):
+                    raise FormatError(
+                        f"{name}: {label}: member {tensor.name!r} lies outside the record or out of order"
+                    )
                 expected_expert = p_index if tensor.fused else tensor.expert
                 if tensor.layer != rec.layer or expected_expert != rec.expert:
                     raise FormatError(f"{name}: {label}: member {tensor.name!r} belongs to another expert")
@@ -131,7 +139,9 @@ class Container:
             encoding = self.encodings[t.encoding]
             expected = tensor_nbytes(t.dtype, t.shape)
             if expected is not None and expected != t.size:
-                raise FormatError(f"{name}: tensor {t.name!r}: {t.dtype} {list(t.shape)} is {expected} bytes, parts hold {t.size}")
+                raise FormatError(
+                    f"{name}: tensor {t.name!r}: {t.dtype} {list(t.shape)} is {expected} bytes, parts hold {t.size}"
+                )
             if isinstance(encoding, Bf16Split) and t.dtype != "BF16":
                 raise FormatError(f"{name}: tensor {t.name!r}: bf16-split encoding on a {t.dtype} tensor")
             if t.fused and len({p.size for p in t.parts}) > 1:
@@ -159,7 +169,9 @@ class Container:
                     total += value.size
                 else:
                     if value in seen_tensors or m.tensors[value].file != f_index:
-                        raise FormatError(f"{name}: {s.name!r}: segment tensor {value} is listed twice or in another file")
+                        raise FormatError(
+                            f"{name}: {s.name!r}: segment tensor {value} is listed twice or in another file"
+                        )
                     seen_tensors.add(value)
                     total += m.tensors[value].size
             if total != s.nbytes:
@@ -167,7 +179,7 @@ class Container:
         if len(seen_tensors) != len(m.tensors):
             raise FormatError(f"{name}: {len(m.tensors) - len(seen_tensors)} tensors are in no safetensors file")
         regions.sort()
-        for (a_start, a_end, a_label), (b_start, _, b_label) in zip(regions, regions[1:]):
+        for (_, a_end, a_label), (b_start, _, b_label) in zip(regions, regions[1:]):
             if b_start < a_end:
                 raise FormatError(f"{name}: {b_label} overlaps {a_label}")
         self.regions = regions
@@ -200,7 +212,9 @@ class Container:
         return self.blob_view(blob, self.encodings[tensor.encoding], base)
 
     def blob_view(self, blob: Blob, encoding: Encoding, base: int = 0) -> PartView:
-        return PartView(encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset)
+        return PartView(
+            encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset
+        )
 
     def stored_blobs(self) -> Iterator[tuple[str, PartView]]:
         """Every stored blob of the file (tensor parts, embedded files, headers, gaps) with a label, as part views."""

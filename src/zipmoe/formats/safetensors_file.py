@@ -83,7 +83,9 @@ def read_exact(path: Path, start: int, out: np.ndarray) -> None:
             while done < view.nbytes:
                 n = os.preadv(fd, [view[done:]], start + done)
                 if n == 0:
-                    raise CheckpointError(f"{path}: file ends at {start + done}, expected {view.nbytes - done} more bytes")
+                    raise CheckpointError(
+                        f"{path}: file ends at {start + done}, expected {view.nbytes - done} more bytes"
+                    )
                 done += n
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None

@@ -85,7 +85,9 @@ class ContainerWriter:
 
     def _expect(self, *states: WriterState) -> None:
         if self.state not in states:
-            raise RuntimeError(f"container writer: expected state {'/'.join(s.value for s in states)}, got {self.state.value}")
+            raise RuntimeError(
+                f"container writer: expected state {'/'.join(s.value for s in states)}, got {self.state.value}"
+            )
 
     # -- records ----------------------------------------------------------------------------------------------------
 
@@ -195,4 +197,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
