@@ -127,3 +127,10 @@ def test_bench_pack_json(capsys, checkpoints):
     code, stdout, _ = run(capsys, "bench", "pack", str(checkpoints.demo("tiny")), "--repeat", "1", "--json")
     doc = json.loads(stdout)
     assert code == 0 and doc["pack_mbps"] > 0 and doc["peak_rss_bytes"] > doc["baseline_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("args", [[], ["pack"], ["pack", "--bogus", "x"], ["verify"]])
+def test_usage_errors_are_usage_lines_not_tracebacks(capsys, args):
+    code, out, err = run(capsys, *args)
+    assert code == 2
+    assert "Traceback" not in err and "Usage: zipmoe" in out + err

@@ -6,7 +6,6 @@ import os
 import sys
 from typing import Annotated
 
-import click
 import typer
 
 from zipmoe import __version__
@@ -45,9 +44,12 @@ app.add_typer(bench.app, name="bench")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: known errors become one line on stderr and exit status 1; set ZIPMOE_DEBUG=1 for tracebacks."""
+    """Run the CLI: known errors become one line on stderr and exit status 1; set ZIPMOE_DEBUG=1 for tracebacks.
+
+    Usage errors (a missing argument, an unknown option) are click's: a usage line and exit status 2.
+    """
     try:
-        result = app(args=argv, prog_name="zipmoe", standalone_mode=False)
+        app(args=argv, prog_name="zipmoe")
     except (ZipmoeError, OSError) as exc:
         if os.environ.get("ZIPMOE_DEBUG"):
             raise
@@ -56,12 +58,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         stderr.print(f"[red]Error:[/red] {message}")
         sys.exit(1)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         stderr.print("Interrupted.")
         sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(result if isinstance(result, int) else 0)

@@ -33,14 +33,16 @@ def command(
     threads: ThreadsOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
-) -> int:
+) -> None:
     """Check structure, every checksum, and that every tensor decodes to its source (SHA-256, or bit for bit)."""
     prepare_codecs(quiet)
     with progress_bar(f"Verifying {container}", quiet) as (start, advance):
         report = run_verify(container, source, threads=threads, progress_start=start, progress=advance)
     if json_output:
         print_json(report.to_json())
-        return 0 if report.ok else 1
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     against = f"bit for bit against {report.source}" if report.source else "against the recorded SHA-256 of each tensor"
     summary = (
         f"{report.n_tensors} tensors ({report.n_parts} parts, {report.n_chunks} chunks, "
@@ -48,10 +50,10 @@ def command(
     )
     if report.ok:
         stdout.print(f"[green]OK[/green] {escape(str(report.path))}: {summary}")
-        return 0
+        return
     for failure in report.failures[:_MAX_LISTED]:
         stdout.print(f"[red]FAIL[/red] {escape(failure)}")
     if len(report.failures) > _MAX_LISTED:
         stdout.print(f"... and {len(report.failures) - _MAX_LISTED} more")
     stderr.print(f"[red]Error:[/red] {escape(str(report.path))}: {len(report.failures)} problem(s) found; {summary}")
-    return 1
+    raise typer.Exit(1)
