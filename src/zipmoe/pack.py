@@ -59,14 +59,15 @@ class PackOptions:
         force: overwrite an existing output file.
     """
 
-    coder: ExponentCoder = field(default_factory=RansCoder)
+    coder: ExponentCoder | None = field(default_factory=RansCoder)  # None: BF16 stored uncompressed
     chunk_values: int = DEFAULT_CHUNK_VALUES
     threads: int | None = None
     verify: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
-        Bf16Split(self.coder, self.chunk_values)  # validates the chunk size before any work
+        if self.coder is not None:
+            Bf16Split(self.coder, self.chunk_values)  # validates the chunk size before any work
 
 
 @dataclass
@@ -228,9 +229,9 @@ class _Packer:
         self.writer = writer
         self.workers = workers
         self.progress = progress
-        self.bf16 = Bf16Split(options.coder, options.chunk_values)
         self.raw = Raw()
-        self.encodings = [self.bf16.get_config(), self.raw.get_config()]
+        self.bf16 = Bf16Split(options.coder, options.chunk_values) if options.coder else self.raw
+        self.encodings = [self.bf16.get_config()] + ([self.raw.get_config()] if options.coder else [])
         self.stats = {CLASS_EXPERT: ClassStats(), CLASS_DENSE: ClassStats(), "files": ClassStats()}
         # Tensors in checkpoint order: (file index, offset).
         self.order = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
@@ -255,7 +256,7 @@ class _Packer:
     # -- one part ---------------------------------------------------------------------------------------------------
 
     def _encoding_of(self, tensor: SourceTensor) -> tuple[int, Bf16Split | Raw]:
-        return (0, self.bf16) if tensor.dtype == "BF16" else (1, self.raw)
+        return (0, self.bf16) if tensor.dtype == "BF16" else (len(self.encodings) - 1, self.raw)
 
     def _encode_checked(self, data: np.ndarray, encoding: Bf16Split | Raw, label: str) -> EncodedPart:
         encoded = encode_part(encoding, data, self.workers)

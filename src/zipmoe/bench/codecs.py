@@ -21,7 +21,7 @@ from zipmoe._threads import Workers, available_cpus
 from zipmoe.codecs.bf16 import entropy_bits, exponent_histogram
 from zipmoe.codecs.coders import ExponentCoder, parse_coder
 from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, PartView, decode_part, decode_parts, encode_parts
-from zipmoe.errors import CheckpointError
+from zipmoe.errors import CheckpointError, ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint
 from zipmoe.formats.experts import classify
 
@@ -255,6 +255,8 @@ def run_codec_bench(
     try:
         for spec in coders:
             coder = parse_coder(spec)
+            if coder is None:
+                raise ZipmoeError("bench codecs compares exponent coders; 'none' (no coding) is not one")
             for cv in chunk_values if coder.codec_id == "rans" else (DEFAULT_CHUNK_VALUES,):
                 note(f"encoding with {coder.label}, {cv} values per chunk")
                 methods.append(_zipmoe_method(tensors, coder, cv, pools))

@@ -34,7 +34,10 @@ def command(
         Optional[Path], typer.Option("--output", "-o", help="Container to write (default: NAME.zmoe here).")
     ] = None,
     coder: Annotated[
-        str, typer.Option("--coder", help="Exponent coder: rans, zstd[:LEVEL], lz4 or lz4hc[:LEVEL].")
+        str,
+        typer.Option(
+            "--coder", help="Exponent coder: rans, zstd[:LEVEL], lz4 or lz4hc[:LEVEL]; none stores BF16 uncompressed."
+        ),
     ] = "rans",
     chunk_values: Annotated[
         int, typer.Option("--chunk-values", help="BF16 values per independently decodable chunk (multiple of 64).")

@@ -259,9 +259,12 @@ def coder_from_config(config: Any) -> ExponentCoder:
     return cls.from_config(config)
 
 
-def parse_coder(spec: str) -> ExponentCoder:
-    """A coder from its command-line spelling: ``rans``, ``zstd``, ``zstd:19``, ``lz4``, ``lz4hc:12``."""
+def parse_coder(spec: str) -> ExponentCoder | None:
+    """A coder from its command-line spelling: ``rans``, ``zstd``, ``zstd:19``, ``lz4``, ``lz4hc:12``; ``none``
+    (None) stores BF16 uncompressed."""
     name, _, level = spec.strip().partition(":")
+    if name == "none" and not level:
+        return None
     config: dict[str, Any] = {"id": name}
     if level:
         if not level.isdigit():

@@ -1,0 +1,122 @@
+"""``zipmoe run``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table
+from zipmoe.errors import ZipmoeError
+
+NAME = "run"
+EPILOG = """Examples:
+
+  zipmoe run mixtral.zmoe "The capital of France is" --max-new-tokens 32
+
+  zipmoe run qwen-moe.zmoe "Write a haiku about caches" --chat --memory-budget 8GiB --temperature 0.7 --seed 1
+
+  zipmoe run model.zmoe "Hello" --memory-budget 50% --simulate-storage 1.25     # phone-flash speed, simulated
+
+The generated text goes to stdout as it is produced; the statistics table goes to stderr.
+"""
+
+
+def command(
+    container: ContainerArg,
+    prompt: Annotated[str, typer.Argument(help="The prompt.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
+    memory_budget: Annotated[
+        Optional[str],
+        typer.Option(
+            "--memory-budget",
+            "-m",
+            help="Memory for experts: 2GiB, 500MB, or a percentage of the model's BF16 expert bytes (50%). "
+            "Default: every expert decoded, up to half of the available memory.",
+        ),
+    ] = None,
+    decoded_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            "--decoded-fraction",
+            min=0.0,
+            max=1.0,
+            help="Share of the budget for decoded experts; the rest keeps compressed records.",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dtype",
+            help="Compute dtype: float32, bfloat16 or float16 (default: bfloat16 on GPUs and "
+            "BF16-capable CPUs, float32 elsewhere).",
+        ),
+    ] = None,  # fmt: skip
+    threads: ThreadsOpt = None,
+    simulate_storage: Annotated[
+        Optional[float],
+        typer.Option(
+            "--simulate-storage", help="Simulate storage of this bandwidth in GB/s (e.g. 3.5 NVMe, 1.25 phone flash)."
+        ),
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Wrap the prompt as a user message with the chat template.")
+    ] = False,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Generate text from a container, holding only part of its experts in memory."""
+    from zipmoe.runtime.engine import Engine, EngineOptions, expert_bytes_summary
+    from zipmoe.runtime.generate import SamplingOptions
+
+    if not prompt.strip():
+        raise ZipmoeError("the prompt is empty")
+    if not Path(container).is_file():
+        raise ZipmoeError(f"{container}: no such file")
+    prepare_codecs(quiet=json_output)
+    options = EngineOptions(device, dtype, memory_budget, decoded_fraction, threads, simulate_storage)
+    sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos)
+    with Engine(container, options) as engine:
+        on_text = None if json_output else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        text, result = engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
+        stats = engine.cache.stats
+        doc = {
+            "text": text,
+            "prompt_tokens": result.prompt_tokens,
+            "new_tokens": len(result.tokens),
+            "ttft_seconds": result.ttft,
+            "tpot_seconds": result.tpot,
+            "tokens_per_second": result.tokens_per_second,
+            "memory_budget_bytes": engine.budget,
+            "dense_bytes": engine.dense_bytes,
+            "cache": stats.to_json(),
+            "model": expert_bytes_summary(engine),
+        }
+    if json_output:
+        print_json(doc)
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    t = table("", "value", title="zipmoe run")
+    t.add_row("tokens (prompt / new)", f"{doc['prompt_tokens']} / {doc['new_tokens']}")
+    t.add_row("time to first token", f"{result.ttft * 1000:.0f} ms")
+    t.add_row("time per output token", f"{result.tpot * 1000:.1f} ms" if result.step_seconds else "-")
+    t.add_row("tokens/s", f"{result.tokens_per_second:.2f}" if result.step_seconds else "-")
+    for tier, label in (("decoded", "experts served decoded (cache)"), ("compressed", "experts served compressed (cache)"),
+                        ("storage", "experts read from storage")):  # fmt: skip
+        t.add_row(label, f"{stats.hits[tier]} ({percent(stats.hit_rate(tier))})")
+    t.add_row("bytes read from storage", human_bytes(stats.bytes_read))
+    t.add_row("bytes decoded", human_bytes(stats.bytes_decoded))
+    t.add_row(
+        "expert memory (peak / budget)", f"{human_bytes(stats.peak_bytes)} / {human_bytes(doc['memory_budget_bytes'])}"
+    )
+    t.add_row("dense weights (resident)", human_bytes(doc["dense_bytes"]))
+    t.add_row("device / dtype", f"{doc['model']['device']} / {doc['model']['dtype']}")
+    stderr.print(t)

@@ -1,0 +1,1 @@
+"""The zipmoe runtime: MoE models served from a container through a compression-aware expert cache."""

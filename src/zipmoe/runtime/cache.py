@@ -1,0 +1,210 @@
+"""A hierarchical, compression-aware expert cache under one byte budget (the ZipMoE idea, with LRU tiers).
+
+Tiers, fastest first, mutually exclusive:
+
+* **decoded**: compute-ready expert weights on the compute device; a hit costs nothing. A decoded expert keeps its
+  record too (when there is a compressed tier), so that evicting it demotes it to the compressed tier.
+* **compressed**: the expert's record bytes as stored in the container (about 2/3 of its BF16 size); a hit costs a
+  decode (Numba, GIL released) but no storage read.
+* **storage**: the container; a miss costs one read of the record and a decode.
+
+A fetched expert goes to the decoded tier when it fits, else to the compressed tier; each tier evicts its least
+recently used entries.
+
+The budget covers the two tiers plus the experts being fetched: ``max_inflight`` experts (records, decode buffers
+and weights) are reserved first, the rest is split between the tiers by ``decoded_fraction``. The minimum budget is
+that reservation. For one MoE layer, experts already decoded are computed first while the others are read and
+decoded on worker threads; results are summed in expert order, so the output does not depend on what was cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from zipmoe._threads import Workers
+from zipmoe.errors import ZipmoeError
+from zipmoe.runtime.model import ExpertWeights, accumulate, expert_assignments, expert_output
+from zipmoe.runtime.store import ExpertStore
+
+DECODED, COMPRESSED, STORAGE = "decoded", "compressed", "storage"
+
+
+class BudgetError(ZipmoeError, ValueError):
+    """A memory budget below what the runtime needs."""
+
+
+@dataclass
+class CacheStats:
+    """What the cache did (counts are expert fetches; bytes are exact)."""
+
+    hits: dict[str, int] = field(default_factory=lambda: {DECODED: 0, COMPRESSED: 0, STORAGE: 0})
+    bytes_read: int = 0  # from storage
+    bytes_decoded: int = 0  # BF16 bytes produced by decoding
+    peak_bytes: int = 0  # tiers plus in-flight experts
+    stall_seconds: float = 0.0  # time the compute waited for experts
+
+    @property
+    def requests(self) -> int:
+        return sum(self.hits.values())
+
+    def hit_rate(self, tier: str) -> float:
+        return self.hits[tier] / self.requests if self.requests else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "served_from": dict(self.hits),
+            "hit_rate": {tier: self.hit_rate(tier) for tier in self.hits},
+            "bytes_read": self.bytes_read,
+            "bytes_decoded": self.bytes_decoded,
+            "peak_bytes": self.peak_bytes,
+            "stall_seconds": self.stall_seconds,
+        }
+
+
+def minimum_budget(store: ExpertStore, max_inflight: int) -> int:
+    """Bytes for ``max_inflight`` experts being fetched at once: record, decode buffer and compute weights each."""
+    return max_inflight * (store.record_nbytes + store.source_nbytes + store.decoded_nbytes)
+
+
+class ExpertCache:
+    """The expert backend of a model served from a container (see the module docstring).
+
+    Args:
+        store: the container's experts.
+        budget: bytes for the tiers and the in-flight experts.
+        decoded_fraction: share of the tier bytes for decoded experts; the rest holds compressed records.
+        threads: worker threads for reading and decoding.
+        max_inflight: experts fetched at once (defaults to the model's experts per token).
+
+    Raises:
+        BudgetError: the budget is below `minimum_budget`.
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        budget: int,
+        *,
+        decoded_fraction: float = 0.25,
+        threads: int = 1,
+        max_inflight: int | None = None,
+    ) -> None:
+        if not 0.0 <= decoded_fraction <= 1.0:
+            raise BudgetError(f"decoded fraction must be between 0 and 1, got {decoded_fraction}")
+        self.store = store
+        self.max_inflight = max_inflight or store.args.top_k
+        self.reserved = minimum_budget(store, self.max_inflight)
+        if budget < self.reserved:
+            raise BudgetError(
+                f"memory budget {budget / 1e6:.1f} MB is below the minimum of {self.reserved / 1e6:.1f} MB "
+                f"for this model ({self.max_inflight} experts being fetched at once)"
+            )
+        self.budget = budget
+        tiers = budget - self.reserved
+        self.capacity = {DECODED: int(tiers * decoded_fraction), COMPRESSED: tiers - int(tiers * decoded_fraction)}
+        self.decoded: OrderedDict[tuple[int, int], tuple[ExpertWeights, np.ndarray | None]] = OrderedDict()
+        self.compressed: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.used = {DECODED: 0, COMPRESSED: 0}
+        self.stats = CacheStats()
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-fetch")
+        self._decode_workers = Workers(1)  # each fetch decodes on its own thread; experts run side by side
+
+    # -- the backend --------------------------------------------------------------------------------------------------
+
+    def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        """Compute one MoE layer's routed experts: hits first, misses as their fetches complete."""
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pending = []
+        for expert, tokens, slots in expert_assignments(top_index):
+            key = (layer, expert)
+            entry = self.decoded.get(key)
+            if entry is None:
+                pending.append((expert, tokens, slots))
+                continue
+            weights = entry[0]
+            self.decoded.move_to_end(key)
+            self.stats.hits[DECODED] += 1
+            outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
+        queue = iter(pending)
+        running: dict[Future, tuple[int, torch.Tensor, torch.Tensor, str]] = {}
+
+        def launch() -> None:
+            for expert, tokens, slots in queue:
+                key = (layer, expert)
+                record = self.compressed.pop(key, None)
+                tier = STORAGE if record is None else COMPRESSED
+                if record is not None:
+                    self.used[COMPRESSED] -= record.nbytes
+                running[self._pool.submit(self._fetch, key, record)] = (expert, tokens, slots, tier)
+                self._note_peak()
+                if len(running) >= self.max_inflight:
+                    return
+
+        launch()
+        while running:
+            start = time.perf_counter()
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            self.stats.stall_seconds += time.perf_counter() - start
+            for future in done:
+                expert, tokens, slots, tier = running.pop(future)
+                weights, record = future.result()
+                self.stats.hits[tier] += 1
+                self.stats.bytes_decoded += self.store.source_nbytes
+                if tier == STORAGE:
+                    self.stats.bytes_read += record.nbytes
+                outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
+                self._admit((layer, expert), weights, record)
+            launch()
+        return accumulate(x, outputs)
+
+    def _fetch(self, key: tuple[int, int], record: np.ndarray | None) -> tuple[ExpertWeights, np.ndarray]:
+        if record is None:
+            record = self.store.read(key)
+        return self.store.decode(key, record, self._decode_workers), record
+
+    # -- admission and eviction ------------------------------------------------------------------------------------------
+
+    def _admit(self, key: tuple[int, int], weights: ExpertWeights, record: np.ndarray) -> None:
+        """Keep a fetched expert decoded if it fits the decoded tier, else keep its record compressed."""
+        kept = record if self.capacity[COMPRESSED] else None  # a record only serves a demotion
+        nbytes = weights.nbytes + (0 if kept is None else kept.nbytes)
+        if nbytes <= self.capacity[DECODED]:
+            while self.used[DECODED] + nbytes > self.capacity[DECODED]:
+                old_key, (old_weights, old_record) = self.decoded.popitem(last=False)  # least recently used
+                self.used[DECODED] -= old_weights.nbytes + (0 if old_record is None else old_record.nbytes)
+                if old_record is not None:
+                    self._keep_compressed(old_key, old_record)  # demoted, not dropped
+            self.decoded[key] = (weights, kept)
+            self.used[DECODED] += nbytes
+        else:
+            self._keep_compressed(key, record)
+        self._note_peak()
+
+    def _keep_compressed(self, key: tuple[int, int], record: np.ndarray) -> None:
+        """Put a record in the compressed tier, evicting its least recently used records; drop it if too large."""
+        if record.nbytes > self.capacity[COMPRESSED]:
+            return
+        while self.used[COMPRESSED] + record.nbytes > self.capacity[COMPRESSED]:
+            _, victim = self.compressed.popitem(last=False)
+            self.used[COMPRESSED] -= victim.nbytes
+        self.compressed[key] = record
+        self.used[COMPRESSED] += record.nbytes
+
+    def _note_peak(self) -> None:
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used[DECODED] + self.used[COMPRESSED] + self.reserved)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.used[DECODED] + self.used[COMPRESSED]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.store.close()

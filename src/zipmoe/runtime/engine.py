@@ -1,0 +1,231 @@
+"""Everything `zipmoe run` needs, built from one container: model, expert cache, tokenizer, generation."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zipmoe._threads import available_cpus
+from zipmoe.errors import ZipmoeError
+from zipmoe.formats.constants import CLASS_DENSE
+from zipmoe.formats.reader import Container
+from zipmoe.runtime.cache import BudgetError, ExpertCache, minimum_budget
+from zipmoe.runtime.config import ModelArgs
+from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
+from zipmoe.runtime.model import Transformer
+from zipmoe.runtime.store import ExpertStore, StorageThrottle
+from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
+from zipmoe.runtime.weights import to_tensor
+
+DEFAULT_DECODED_FRACTION = 0.25  # chosen with `zipmoe bench run` (docs/BENCHMARKS.md)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+
+
+class DeviceError(ZipmoeError, ValueError):
+    """The requested device or dtype cannot be used here."""
+
+
+def parse_size(text: str, *, percent_of: int | None = None) -> int:
+    """Bytes from ``2GiB``, ``500MB``, ``1.5G``, ``123456`` or, with ``percent_of``, ``50%``."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*|%)\s*", text)
+    if m is None:
+        raise BudgetError(f"cannot read size {text!r} (examples: 2GiB, 500MB, 50%)")
+    number, unit = float(m[1]), m[2].lower()
+    if unit == "%":
+        if percent_of is None:
+            raise BudgetError("a percentage needs something to be a percentage of")
+        return int(number / 100 * percent_of)
+    if unit not in _UNITS:
+        raise BudgetError(f"unknown size unit {m[2]!r} in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
+    return int(number * _UNITS[unit])
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes BF16 matmuls natively (AVX512-BF16 or AMX); without, float32 is much faster."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA GPU is available to torch here (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {device!r} (cpu, cuda or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: as asked, else bfloat16 on GPUs and on CPUs with native BF16, float32 elsewhere."""
+    if dtype is None:
+        native = device.type == "cuda" or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    if dtype not in DTYPES:
+        raise DeviceError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def available_memory() -> int:
+    """Physical memory available to new allocations (Linux), or 0 when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to serve a container.
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``auto``.
+        dtype: compute dtype (``float32``, ``bfloat16``, ``float16``); None picks per device.
+        memory_budget: bytes for the expert cache, or a string (``2GiB``, ``50%`` of the BF16 expert bytes);
+            None: every expert decoded, capped at half of the available memory.
+        decoded_fraction: share of the cache for decoded experts (the rest holds compressed records); None: all of
+            it without a budget, else `DEFAULT_DECODED_FRACTION`.
+        threads: compute and fetch threads (default: every available CPU).
+        simulate_storage_gbps: simulated storage bandwidth in GB/s (see `zipmoe.runtime.store`).
+    """
+
+    device: str = "auto"
+    dtype: str | None = None
+    memory_budget: int | str | None = None
+    decoded_fraction: float | None = None
+    threads: int | None = None
+    simulate_storage_gbps: float | None = None
+
+
+class Engine:
+    """A container opened for generation. Close it (or use it as a context manager) to release its threads."""
+
+    def __init__(self, path: str | os.PathLike[str], options: EngineOptions | None = None) -> None:
+        self.options = options = options or EngineOptions()
+        self.container = Container(path)
+        self.args = ModelArgs.from_hf_config(self.container.manifest.config)
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.threads = options.threads or available_cpus()
+        torch.set_num_threads(self.threads)
+        throttle = None
+        if options.simulate_storage_gbps is not None:
+            if options.simulate_storage_gbps <= 0:
+                raise BudgetError("--simulate-storage must be a positive bandwidth in GB/s")
+            throttle = StorageThrottle(options.simulate_storage_gbps * 1e9)
+        self.store = ExpertStore(self.container, self.args, self.device, self.dtype, throttle)
+        self.expert_bf16_bytes = self.store.source_nbytes * len(self.container.experts)
+        self.budget = self._budget(options.memory_budget)
+        fraction = options.decoded_fraction
+        if fraction is None:
+            fraction = 1.0 if options.memory_budget is None else DEFAULT_DECODED_FRACTION
+        self.cache = ExpertCache(self.store, self.budget, decoded_fraction=fraction, threads=self.threads)
+        self.dense = self._load_dense()
+        self.model = Transformer(self.args, self.dense, self.cache)
+        self._tokenizer: TextTokenizer | None = None
+
+    def _budget(self, requested: int | str | None) -> int:
+        if isinstance(requested, int):
+            return requested
+        if requested is not None:
+            return parse_size(requested, percent_of=self.expert_bf16_bytes)
+        everything = len(self.container.experts) * (self.store.decoded_nbytes + self.store.record_nbytes)
+        cap = available_memory() // 2
+        reserve = self.cache_minimum()
+        return max(reserve, min(everything + reserve, cap) if cap else everything + reserve)
+
+    def cache_minimum(self) -> int:
+        return minimum_budget(self.store, self.args.top_k)
+
+    def _load_dense(self) -> dict[str, torch.Tensor]:
+        weights = {}
+        for tensor in self.container.manifest.tensors:
+            if tensor.tensor_class != CLASS_DENSE:
+                continue
+            data = self.container.read_tensor(tensor.name)
+            t = to_tensor(data, tensor.dtype, tensor.shape)
+            weights[tensor.name] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        self.container.release(0, self.container.header.file_nbytes)  # the mapped pages; the weights are copies
+        return weights
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.dense.values())
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer.from_container(self.container)
+        return self._tokenizer
+
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.args.eos_token_ids)
+        generation = self._generation_config()
+        eos = generation.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        return tuple(sorted(ids))
+
+    def _generation_config(self) -> dict[str, Any]:
+        import json
+
+        if any(f.name == "generation_config.json" for f in self.container.manifest.files):
+            try:
+                return json.loads(self.container.read_file("generation_config.json"))
+            except ValueError:
+                return {}
+        return {}
+
+    def generate_tokens(self, prompt: list[int], sampling: SamplingOptions, on_token=None) -> GenerationResult:
+        return generate(self.model, prompt, sampling, eos_ids=self.eos_ids(), on_token=on_token)
+
+    def generate_text(
+        self, prompt: str, sampling: SamplingOptions, *, chat: bool = False, on_text=None
+    ) -> tuple[str, GenerationResult]:
+        """Generate from a text prompt; ``on_text`` receives the text as it is produced."""
+        if not prompt.strip():
+            raise ZipmoeError("the prompt is empty")
+        ids = self.tokenizer.encode(prompt, chat=chat)
+        stream = StreamDecoder(self.tokenizer)
+        pieces: list[str] = []
+
+        def emit(token: int) -> None:
+            piece = stream.push(token)
+            pieces.append(piece)
+            if on_text is not None and piece:
+                on_text(piece)
+
+        result = self.generate_tokens(ids, sampling, emit)
+        return "".join(pieces), result
+
+    def close(self) -> None:
+        self.cache.close()
+        self.container.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def expert_bytes_summary(engine: Engine) -> dict[str, Any]:
+    """Sizes that explain a budget: one expert BF16/decoded/record, all experts BF16."""
+    return {
+        "expert_bf16_bytes": engine.store.source_nbytes,
+        "expert_decoded_bytes": engine.store.decoded_nbytes,
+        "expert_record_bytes": engine.store.record_nbytes,
+        "all_experts_bf16_bytes": engine.expert_bf16_bytes,
+        "n_experts": len(engine.container.experts),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+    }

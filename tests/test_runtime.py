@@ -1,0 +1,215 @@
+"""The runtime: logits and tokens against transformers, bit-identical serving from a container, the cache."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from zipmoe.cli.app import main
+from zipmoe.pack import PackOptions, pack
+from zipmoe.runtime.cache import BudgetError, ExpertCache
+from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
+from zipmoe.runtime.engine import Engine, EngineOptions, parse_size
+from zipmoe.runtime.generate import SamplingOptions, generate
+from zipmoe.runtime.model import InMemoryExperts, Transformer
+from zipmoe.runtime.store import StorageThrottle
+from zipmoe.runtime.weights import load_checkpoint
+
+RUNTIME_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64]
+CPU = torch.device("cpu")
+
+
+def engine(path, **options) -> Engine:
+    return Engine(path, EngineOptions(device="cpu", dtype="float32", **options))
+
+
+def reference_model(path):
+    args, dense, experts = load_checkpoint(path, CPU, torch.float32)
+    return Transformer(args, dense, InMemoryExperts(experts))
+
+
+def greedy(model, n=16):
+    return generate(model, PROMPT, SamplingOptions(max_new_tokens=n, stop_at_eos=False)).tokens
+
+
+@pytest.mark.parametrize("family", RUNTIME_FAMILIES)
+def test_matches_transformers(checkpoints, family):
+    import transformers
+
+    source = checkpoints.family(family)
+    ours = reference_model(source)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokens = torch.tensor(PROMPT)
+    logits = ours.forward(tokens, 0, ours.new_cache(32), all_logits=True)
+    with torch.no_grad():
+        expected = theirs(tokens[None]).logits[0]
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-5), (logits - expected).abs().max()
+    reference_tokens = theirs.generate(tokens[None], max_new_tokens=16, do_sample=False)[0, len(PROMPT) :].tolist()
+    assert greedy(ours) == reference_tokens
+
+
+@pytest.mark.parametrize("family", RUNTIME_FAMILIES)
+def test_container_serves_the_same_bits_as_the_safetensors(checkpoints, family):
+    source = checkpoints.family(family)
+    packed = checkpoints.packed(source)
+    ref = reference_model(source)
+    tokens = torch.tensor(PROMPT)
+    expected = ref.forward(tokens, 0, ref.new_cache(32), all_logits=True)
+    expected_tokens = greedy(ref)
+    for budget in (None, "minimum"):
+        with engine(packed) as e:
+            if budget == "minimum":
+                minimum = e.cache_minimum()
+                e.close()
+                e = engine(packed, memory_budget=minimum)
+            logits = e.model.forward(tokens, 0, e.model.new_cache(32), all_logits=True)
+            assert torch.equal(logits, expected)
+            assert greedy(e.model) == expected_tokens
+            if budget == "minimum":
+                assert e.cache.stats.hits["storage"] > 0 and e.cache.stats.peak_bytes <= e.budget
+            e.close()
+
+
+def test_fused_layout_serves_like_per_expert(checkpoints):
+    per_expert = reference_model(checkpoints.family("qwen3_moe"))
+    with engine(checkpoints.packed(checkpoints.family("qwen3_moe", fused=True))) as e:
+        tokens = torch.tensor(PROMPT)
+        assert torch.equal(
+            e.model.forward(tokens, 0, e.model.new_cache(16), all_logits=True),
+            per_expert.forward(tokens, 0, per_expert.new_cache(16), all_logits=True),
+        )
+
+
+def test_small_budget_gives_the_tokens_of_an_unlimited_one(checkpoints):
+    packed = checkpoints.packed(checkpoints.demo("tiny"))
+    sampling = SamplingOptions(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, stop_at_eos=False)
+    with engine(packed) as unlimited:
+        expected = unlimited.generate_tokens(PROMPT, sampling).tokens
+        assert unlimited.cache.stats.hits["storage"] == len(unlimited.container.experts)  # each read once
+        # the minimum, plus room for about five of the eight experts compressed
+        budget = unlimited.cache_minimum() + 5 * unlimited.store.record_nbytes
+    for fraction in (0.0, 0.5, 1.0):
+        with engine(packed, memory_budget=budget, decoded_fraction=fraction) as small:
+            assert small.generate_tokens(PROMPT, sampling).tokens == expected
+            stats = small.cache.stats
+            assert stats.peak_bytes <= small.budget
+            assert stats.hits["storage"] > len(small.container.experts)  # experts were evicted and read again
+            if fraction == 0.0:
+                assert stats.hits["compressed"] > 0
+
+
+def test_budget_below_the_minimum(checkpoints):
+    packed = checkpoints.packed(checkpoints.demo("tiny"))
+    with engine(packed) as e:
+        minimum = e.cache_minimum()
+    with pytest.raises(BudgetError, match=rf"below the minimum of {minimum / 1e6:.1f} MB"):
+        engine(packed, memory_budget=minimum - 1)
+
+
+def test_uncompressed_container_serves_the_same_tokens(checkpoints, tmp_path):
+    source = checkpoints.demo("tiny")
+    raw = tmp_path / "raw.zmoe"
+    pack(str(source), raw, PackOptions(coder=None))
+    with engine(checkpoints.packed(source)) as compressed, engine(raw) as uncompressed:
+        assert greedy(compressed.model) == greedy(uncompressed.model)
+        assert uncompressed.store.record_nbytes > 1.4 * compressed.store.record_nbytes
+
+
+def test_unsupported_architecture_lists_the_supported_ones(checkpoints):
+    with pytest.raises(UnsupportedModelError, match="supported: mixtral, qwen2_moe, qwen3_moe, olmoe"):
+        engine(checkpoints.packed(checkpoints.family("deepseek_v2")))
+    with pytest.raises(UnsupportedModelError, match="no config.json"):
+        ModelArgs.from_hf_config(None)
+
+
+def test_sampling_is_reproducible_and_greedy_is_argmax(checkpoints):
+    with engine(checkpoints.packed(checkpoints.demo("tiny"))) as e:
+        sampled = SamplingOptions(max_new_tokens=12, temperature=1.0, top_p=0.8, seed=11, stop_at_eos=False)
+        first, second = e.generate_tokens(PROMPT, sampled).tokens, e.generate_tokens(PROMPT, sampled).tokens
+        assert first == second
+        other = e.generate_tokens(PROMPT, SamplingOptions(12, 1.0, 0.8, seed=12, stop_at_eos=False)).tokens
+        assert other != first
+        logits = e.model.forward(torch.tensor(PROMPT), 0, e.model.new_cache(16))
+        assert e.generate_tokens(PROMPT, SamplingOptions(max_new_tokens=1)).tokens == [int(torch.argmax(logits))]
+
+
+def test_text_generation_with_the_embedded_tokenizer(checkpoints):
+    with engine(checkpoints.packed(checkpoints.demo("tiny"))) as e:
+        ids = e.tokenizer.encode("Hello, zipmoe!")
+        assert e.tokenizer.decode(ids) == "Hello, zipmoe!"
+        chat = e.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+        assert chat == "<s>user: hi\nassistant: "
+        pieces = []
+        text, result = e.generate_text(
+            "Hello", SamplingOptions(max_new_tokens=8, stop_at_eos=False), on_text=pieces.append
+        )
+        assert "".join(pieces) == text and len(result.tokens) == 8 and result.ttft > 0
+
+
+def test_storage_throttle_models_bandwidth():
+    throttle = StorageThrottle(1e6)  # 1 MB/s
+    start = time.perf_counter()
+    throttle.transfer(50_000)
+    throttle.transfer(50_000)  # queued behind the first
+    assert time.perf_counter() - start >= 0.099
+
+
+def test_parse_size():
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("1.5g") == int(1.5 * 2**30)
+    assert parse_size("50%", percent_of=1000) == 500
+    with pytest.raises(BudgetError, match="cannot read size"):
+        parse_size("lots")
+    with pytest.raises(BudgetError, match="unknown size unit"):
+        parse_size("3 parsecs")
+
+
+def run_cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_cli_run(capsys, checkpoints):
+    packed = str(checkpoints.packed(checkpoints.demo("tiny")))
+    code, out, err = run_cli(
+        capsys, "run", packed, "Hello", "-n", "6", "--device", "cpu", "--dtype", "float32", "--json"
+    )
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["new_tokens"] == 6 and doc["cache"]["requests"] > 0 and doc["model"]["dtype"] == "float32"
+    code, out, err = run_cli(
+        capsys, "run", packed, "Hello", "-n", "4", "--memory-budget", "2MB", "--simulate-storage", "2"
+    )
+    assert code == 0 and "time per output token" in err and "experts read from storage" in err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["Hello", "--device", "cuda"], "no CUDA GPU is available"),
+        (["   "], "the prompt is empty"),
+        (["Hello", "--memory-budget", "1kB"], "below the minimum of"),
+        (["Hello", "--memory-budget", "lots"], "cannot read size"),
+        (["Hello", "--dtype", "int8"], "unknown dtype"),
+    ],
+)
+def test_cli_run_errors(capsys, checkpoints, args, fragment):
+    if args[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    code, _, err = run_cli(capsys, "run", str(checkpoints.packed(checkpoints.demo("tiny"))), *args)
+    assert code == 1 and err.startswith("Error: ") and fragment in err and "Traceback" not in err
+
+
+def test_expert_cache_exposes_its_accounting(checkpoints):
+    with engine(checkpoints.packed(checkpoints.demo("tiny")), memory_budget="2.5MB", decoded_fraction=0.5) as e:
+        cache: ExpertCache = e.cache
+        greedy(e.model, 8)
+        assert cache.bytes_in_use <= cache.capacity["decoded"] + cache.capacity["compressed"]
+        assert cache.stats.requests == sum(cache.stats.hits.values())
+        assert np.isclose(sum(cache.stats.hit_rate(t) for t in cache.stats.hits), 1.0)
