@@ -1,6 +1,6 @@
-"""A built-in, offline MoE checkpoint: Mixtral architecture, random init, Hugging Face layout.
+"""Built-in, offline MoE checkpoints: Mixtral or Qwen2-MoE architecture, random init, Hugging Face layout.
 
-`build_demo_checkpoint` writes what ``MixtralForCausalLM.from_config(...).save_pretrained(dir)`` would: a
+`build_demo_checkpoint` writes what ``AutoModelForCausalLM.from_config(...).save_pretrained(dir)`` would: a
 ``config.json``, a ``generation_config.json``, BF16 weights initialised like transformers does (normal, std 0.02;
 norms at one) in ``model.safetensors`` or shards with a ``model.safetensors.index.json``, and a byte-level BPE
 tokenizer (256 byte tokens plus ``<s>``, ``</s>``, ``<pad>``). No network, no transformers needed. Random weights
@@ -24,12 +24,15 @@ class Preset:
     """Dimensions of a demo model."""
 
     hidden: int
-    intermediate: int
+    intermediate: int  # of each routed expert
     layers: int
     experts: int
     heads: int
     kv_heads: int
     max_shard_bytes: int
+    family: str = "mixtral"  # or "qwen2_moe": q/k/v biases and a shared expert behind a sigmoid gate
+    top_k: int = 2
+    shared_intermediate: int = 0
 
 
 PRESETS = {
@@ -37,10 +40,16 @@ PRESETS = {
     "tiny": Preset(hidden=128, intermediate=256, layers=2, experts=4, heads=4, kv_heads=2, max_shard_bytes=1 << 30),
     # `make demo`: ~120 MB in three shards.
     "small": Preset(hidden=512, intermediate=1024, layers=4, experts=8, heads=8, kv_heads=4, max_shard_bytes=50 << 20),
-    # `zipmoe bench`: Qwen1.5-MoE-A2.7B expert shapes (2048 x 1408), 6 experts, one layer.
+    # `zipmoe bench codecs`: Qwen1.5-MoE-A2.7B expert shapes (2048 x 1408), 6 experts, one layer.
     "bench": Preset(
         hidden=2048, intermediate=1408, layers=1, experts=6, heads=16, kv_heads=16, max_shard_bytes=1 << 30
     ),
+    # `zipmoe bench run`: Qwen1.5-MoE-A2.7B (Qwen2-MoE architecture, 60 experts of 2048 x 1408, top-4, shared
+    # expert of 5632) with 2 of its 24 layers and a byte-level vocabulary: 2.2 GB, 2.1 GB of it routed experts.
+    "qwen-moe-bench": Preset(
+        hidden=2048, intermediate=1408, layers=2, experts=60, heads=16, kv_heads=16, max_shard_bytes=1 << 30,
+        family="qwen2_moe", top_k=4, shared_intermediate=5632,
+    ),  # fmt: skip
 }
 
 
@@ -86,23 +95,20 @@ def tokenizer_json() -> dict:
     }  # fmt: skip
 
 
-def mixtral_config(preset: Preset) -> dict:
+def model_config(preset: Preset) -> dict:
+    """The ``config.json`` of a preset, with the keys transformers writes for its family."""
     vocab = BYTE_VOCAB + len(SPECIAL_TOKENS)
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+    common = {
         "vocab_size": vocab,
         "hidden_size": preset.hidden,
-        "intermediate_size": preset.intermediate,
         "num_hidden_layers": preset.layers,
         "num_attention_heads": preset.heads,
         "num_key_value_heads": preset.kv_heads,
         "head_dim": preset.hidden // preset.heads,
-        "num_local_experts": preset.experts,
-        "num_experts_per_tok": 2,
+        "num_experts_per_tok": preset.top_k,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": 1e-5 if preset.family == "mixtral" else 1e-6,
         "rope_theta": 1e6,
         "initializer_range": 0.02,
         "tie_word_embeddings": False,
@@ -111,32 +117,64 @@ def mixtral_config(preset: Preset) -> dict:
         "pad_token_id": BYTE_VOCAB + 2,
         "torch_dtype": "bfloat16",
     }
+    if preset.family == "mixtral":
+        family = {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": preset.intermediate,
+            "num_local_experts": preset.experts,
+        }
+    else:
+        family = {
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "model_type": "qwen2_moe",
+            "intermediate_size": preset.shared_intermediate,
+            "moe_intermediate_size": preset.intermediate,
+            "shared_expert_intermediate_size": preset.shared_intermediate,
+            "num_experts": preset.experts,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": True,
+            "use_sliding_window": False,
+        }
+    return {**family, **common}
 
 
 def _shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
     h, i, head_dim = preset.hidden, preset.intermediate, preset.hidden // preset.heads
     vocab = BYTE_VOCAB + len(SPECIAL_TOKENS)
+    qwen = preset.family == "qwen2_moe"
+    block, names = ("mlp", ("gate_proj", "down_proj", "up_proj")) if qwen else ("block_sparse_moe", ("w1", "w2", "w3"))
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
     for layer in range(preset.layers):
         p = f"model.layers.{layer}"
         shapes[f"{p}.input_layernorm.weight"] = (h,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
-        shapes[f"{p}.self_attn.q_proj.weight"] = (preset.heads * head_dim, h)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (preset.kv_heads * head_dim, h)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (preset.kv_heads * head_dim, h)
+        for proj, rows in (("q", preset.heads), ("k", preset.kv_heads), ("v", preset.kv_heads)):
+            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (rows * head_dim, h)
+            if qwen:
+                shapes[f"{p}.self_attn.{proj}_proj.bias"] = (rows * head_dim,)
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, preset.heads * head_dim)
-        shapes[f"{p}.block_sparse_moe.gate.weight"] = (preset.experts, h)
+        shapes[f"{p}.{block}.gate.weight"] = (preset.experts, h)
         for e in range(preset.experts):
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w1.weight"] = (i, h)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = (h, i)
-            shapes[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = (i, h)
+            gate, down, up = names
+            shapes[f"{p}.{block}.experts.{e}.{gate}.weight"] = (i, h)
+            shapes[f"{p}.{block}.experts.{e}.{down}.weight"] = (h, i)
+            shapes[f"{p}.{block}.experts.{e}.{up}.weight"] = (i, h)
+        if preset.shared_intermediate:
+            s = preset.shared_intermediate
+            shapes[f"{p}.mlp.shared_expert.gate_proj.weight"] = (s, h)
+            shapes[f"{p}.mlp.shared_expert.up_proj.weight"] = (s, h)
+            shapes[f"{p}.mlp.shared_expert.down_proj.weight"] = (h, s)
+            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (vocab, h)
     return shapes
 
 
 def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, force: bool = False) -> Path:
-    """Write a random-init Mixtral checkpoint in Hugging Face layout to ``out_dir``; return the directory.
+    """Write a random-init checkpoint of ``preset`` in Hugging Face layout to ``out_dir``; return the directory.
 
     Raises:
         OutputError: ``out_dir`` is not empty (without ``force``) or cannot be written.
@@ -159,6 +197,8 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
         for name, shape in _shapes(spec).items():
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            elif name.endswith(".bias"):
+                tensors[name] = torch.zeros(shape, dtype=torch.bfloat16)
             else:
                 tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
         shards = _shard(tensors, spec.max_shard_bytes)
@@ -174,7 +214,7 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
             _write_json(
                 out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
-        config = mixtral_config(spec)
+        config = model_config(spec)
         _write_json(out_dir / "config.json", config)
         _write_json(
             out_dir / "generation_config.json",

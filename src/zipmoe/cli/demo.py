@@ -24,10 +24,9 @@ def command(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
-    """Write a small random-init Mixtral-style MoE checkpoint in Hugging Face layout (offline, for demos and tests)."""
+    """Write a random-init MoE checkpoint in Hugging Face layout (offline, for demos, tests and benchmarks)."""
     out = build_demo_checkpoint(directory, preset, seed, force)
     files = sorted(p for p in out.iterdir() if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    stdout.print(
-        f"Wrote {out}: {len(files)} files, {human_bytes(total)} (Mixtral architecture, preset {preset!r}, seed {seed})"
-    )
+    family = PRESETS[preset].family
+    stdout.print(f"Wrote {out}: {len(files)} files, {human_bytes(total)} ({family}, preset {preset!r}, seed {seed})")
