@@ -13,6 +13,7 @@ from zipmoe.codecs.parts import (
     Raw,
     check_part,
     decode_part,
+    decode_parts,
     encode_part,
     encoding_from_config,
 )
@@ -119,3 +120,13 @@ def test_encoding_configs():
         Bf16Split(parse_coder("rans"), 1000)
     with pytest.raises(FormatError, match="expected keys"):
         encoding_from_config({"id": "raw"})
+
+
+@pytest.mark.parametrize("encoding", [Bf16Split(parse_coder("rans"), 1024), Bf16Split(parse_coder("lz4"), 1024), Raw(1024)])
+def test_widened_decode_gives_float32_bits(encoding):
+    data = np.frombuffer(bf16_bytes((5000,), seed=5), np.uint8)
+    part = encode_part(encoding, data, WORKERS)
+    view = PartView(encoding, 0, part.data.size, data.size, part.n_chunks, part.directory_xxh64, 0)
+    out = np.empty(2 * data.size, np.uint8)
+    decode_parts([(part.data, view, out, "")], WORKERS, widen=True)
+    assert np.array_equal(out.view(np.uint32), data.view(np.uint16).astype(np.uint32) << 16)

@@ -213,3 +213,22 @@ def test_expert_cache_exposes_its_accounting(checkpoints):
         assert cache.bytes_in_use <= cache.capacity["decoded"] + cache.capacity["compressed"]
         assert cache.stats.requests == sum(cache.stats.hits.values())
         assert np.isclose(sum(cache.stats.hit_rate(t) for t in cache.stats.hits), 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_serving_matches_cpu_and_ignores_the_budget(checkpoints):
+    packed = checkpoints.packed(checkpoints.demo("tiny"))
+    tokens = torch.tensor(PROMPT)
+    with engine(packed) as cpu:
+        expected = cpu.model.forward(tokens, 0, cpu.model.new_cache(16), all_logits=True)
+    with Engine(packed, EngineOptions(device="cuda", dtype="float32")) as gpu:
+        assert next(iter(gpu.dense.values())).is_cuda
+        logits = gpu.model.forward(tokens.cuda(), 0, gpu.model.new_cache(16), all_logits=True).cpu()
+        assert torch.allclose(logits, expected, atol=1e-4)
+        unlimited = greedy(gpu.model, 12)
+        budget = gpu.cache_minimum() + 2 * gpu.store.record_nbytes
+    with Engine(packed, EngineOptions(device="cuda", dtype="bfloat16", memory_budget=budget)) as small:
+        with Engine(packed, EngineOptions(device="cuda", dtype="bfloat16")) as big:
+            assert greedy(small.model, 12) == greedy(big.model, 12)
+        assert small.cache.stats.hits["storage"] > len(small.container.experts)
+    assert len(unlimited) == 12

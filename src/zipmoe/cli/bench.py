@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -159,3 +160,82 @@ def _vs(ratio: float, zipnn_ratio: float | None) -> str:
 
 def _times(value: float | None, baseline: float | None) -> str:
     return "-" if value is None or not baseline else f"{value / baseline:.2f}x"
+
+
+@app.command("run")
+def run(
+    checkpoint: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Checkpoint directory (default: a built-in random-init model with Qwen1.5-MoE-A2.7B expert "
+            "dimensions, 2 layers, built and packed offline on first use).",
+            show_default=False,
+        ),
+    ] = None,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets, % of BF16 expert bytes.")] = "25,50,100",
+    storages: Annotated[str, typer.Option("--storage", help="Comma-separated simulated storage speeds, GB/s.")] = "1.25,3.5",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per configuration.")] = 32,
+    decoded_fraction: Annotated[
+        Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, help="zipmoe's decoded share.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu (float32 compute) or cuda (bfloat16).")] = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """TTFT and TPOT under memory budgets and simulated storage: zipmoe vs an uncompressed LRU cache, the full model
+    in memory, and transformers + accelerate disk offload."""
+    from zipmoe._threads import available_cpus
+    from zipmoe.bench.serving import run_serving_bench
+    from zipmoe.codecs.coders import RansCoder
+    from zipmoe.pack import PackOptions
+    from zipmoe.pack import pack as run_pack
+
+    source = Path(_resolve_serving(checkpoint))
+    containers = {}
+    for name, coder in (("zipmoe", RansCoder()), ("uncompressed", None)):
+        path = source.parent / f"{source.name}.{name}.zmoe"
+        if not path.exists():
+            if not quiet:
+                stderr.print(f"packing {source} into {path}")
+            run_pack(str(source), path, PackOptions(coder=coder))
+        containers[name] = path
+    rows = run_serving_bench(
+        source, containers["zipmoe"], containers["uncompressed"],
+        budgets=tuple(float(b) for b in budgets.split(",")), storages=tuple(float(s) for s in storages.split(",")),
+        decoded_fraction=decoded_fraction, new_tokens=new_tokens, threads=threads or available_cpus(), device=device,
+        on_row=None if quiet else (lambda s: stderr.print(f"running {s}")),
+    )  # fmt: skip
+    if json_output:
+        print_json([r.to_json() for r in rows])
+        return
+    baseline = {(r.budget_percent, r.storage_gbps): r.result for r in rows if r.method == "uncompressed"}
+    t = table("method", "budget", "storage", "TTFT", "TPOT", "tok/s", "TPOT vs uncompressed", "served dec/comp/storage",
+              "read", "cache peak / budget", "RSS growth", "same tokens", title=f"zipmoe run on {source}")  # fmt: skip
+    for r in rows:
+        res = r.result
+        if "error" in res:
+            t.add_row(r.method, "-", "-", res["error"], *["-"] * 8)
+            continue
+        base = baseline.get((r.budget_percent, r.storage_gbps))
+        cache = res.get("cache")
+        served = "-" if not cache else "/".join(str(cache["served_from"][k]) for k in ("decoded", "compressed", "storage"))
+        t.add_row(
+            r.method,
+            "-" if r.budget_percent is None else f"{r.budget_percent:g}%",
+            "page cache" if r.storage_gbps is None else f"{r.storage_gbps:g} GB/s",
+            f"{res['ttft_seconds'] * 1000:.0f} ms",
+            f"{res['tpot_seconds'] * 1000:.1f} ms",
+            f"{res['tokens_per_second']:.2f}",
+            "-" if base is None or r.method == "uncompressed" else f"{res['tpot_seconds'] / base['tpot_seconds']:.2f}x",
+            served,
+            "-" if not cache else human_bytes(cache["bytes_read"]),
+            "-" if not cache else f"{human_bytes(cache['peak_bytes'])} / {human_bytes(res['budget_bytes'])}",
+            human_bytes(res["peak_rss"] - res["rss_after_load"]),
+            "yes" if res.get("tokens_match_full") else "NO",
+        )
+    stdout.print(t)
+
+
+def _resolve_serving(checkpoint: str | None) -> str:
+    return checkpoint if checkpoint is not None else str(cached_demo_checkpoint("qwen-moe-bench"))

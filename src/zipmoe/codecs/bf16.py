@@ -45,14 +45,34 @@ def extract_exponents(values, exponents):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True)
 def merge_bf16(exponents, sign_mantissa, out):  # pragma: no cover - compiled
-    """Rebuild uint16 BF16 bit patterns from the two planes (exact inverse of `split_bf16`)."""
+    """Rebuild BF16 values from the two planes (exact inverse of `split_bf16`).
+
+    ``out`` is uint16 (the BF16 bit patterns) or uint32: the float32 bit patterns of the same values (BF16 << 16),
+    which saves a conversion pass when the model computes in float32.
+    """
+    if out.itemsize == 4:
+        for i in range(out.size):
+            sm = np.uint32(sign_mantissa[i])
+            out[i] = (
+                ((sm & np.uint32(0x80)) << np.uint32(8))
+                | (np.uint32(exponents[i]) << np.uint32(7))
+                | (sm & np.uint32(0x7F))
+            ) << np.uint32(16)
+    else:
+        for i in range(out.size):
+            sm = np.uint16(sign_mantissa[i])
+            out[i] = (
+                ((sm & np.uint16(0x80)) << np.uint16(8))
+                | (np.uint16(exponents[i]) << np.uint16(7))
+                | (sm & np.uint16(0x7F))
+            )
+
+
+@njit(nogil=True, cache=True)
+def widen_bf16(values, out):  # pragma: no cover - compiled
+    """Float32 bit patterns (uint32) of BF16 bit patterns (uint16): ``out[i] = values[i] << 16``."""
     for i in range(out.size):
-        sm = np.uint16(sign_mantissa[i])
-        out[i] = (
-            ((sm & np.uint16(0x80)) << np.uint16(8))
-            | (np.uint16(exponents[i]) << np.uint16(7))
-            | (sm & np.uint16(0x7F))
-        )
+        out[i] = np.uint32(values[i]) << np.uint32(16)
 
 
 @njit(nogil=True, cache=True)

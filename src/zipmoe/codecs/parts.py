@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit
 
 from zipmoe._threads import Workers
-from zipmoe.codecs.bf16 import extract_sign_mantissa
+from zipmoe.codecs.bf16 import extract_sign_mantissa, widen_bf16
 from zipmoe.codecs.checksum import xxh64
 from zipmoe.codecs.coders import PAYLOAD, PLAIN, ChunkLayout, ExponentCoder, RansCoder, coder_from_config
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
@@ -406,7 +406,11 @@ def decode_part(buf: np.ndarray, part: PartView, out: np.ndarray, workers: Worke
 
 
 def decode_parts(
-    items: Sequence[tuple[np.ndarray, PartView, np.ndarray, str]], workers: Workers, *, check: bool = True
+    items: Sequence[tuple[np.ndarray, PartView, np.ndarray, str]],
+    workers: Workers,
+    *,
+    check: bool = True,
+    widen: bool = False,
 ) -> None:
     """Decode several parts at once, the chunks of all of them spread over the worker threads.
 
@@ -415,6 +419,7 @@ def decode_parts(
             ``part.size`` bytes); ``label`` (say, the tensor's name) starts every error message about it.
         workers: the threads.
         check: verify every chunk's checksums just before decoding it.
+        widen: the parts hold BF16 values; write them as float32 (``out`` is then ``2 * part.size`` bytes).
 
     Raises:
         ChecksumError: a checksum does not match, or a payload does not decode; the message names the part, the
@@ -437,9 +442,12 @@ def decode_parts(
                 return first + int(np.flatnonzero(layout.bad_payload[first:last])[0]), "bytes", "checksum mismatch"
             lo, hi = first * enc.chunk_bytes, min(part.size, last * enc.chunk_bytes)
             start = part.offset + layout.directory.nbytes
-            out[lo:hi] = buf[start + lo : start + hi]
+            if widen:
+                widen_bf16(buf[start + lo : start + hi].view(np.uint16), out.view(np.uint32)[lo // 2 : hi // 2])
+            else:
+                out[lo:hi] = buf[start + lo : start + hi]
             return -1, "", ""
-        return enc.coder.decode_chunks(buf, layout.chunks, first, last, out.view(np.uint16), check)
+        return enc.coder.decode_chunks(buf, layout.chunks, first, last, out.view(np.uint32 if widen else np.uint16), check)
 
     counts = [part.n_chunks for _, part, _, _ in items]
     min_chunks = min((layout.min_chunks for layout in layouts), default=1)

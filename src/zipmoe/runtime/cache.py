@@ -2,8 +2,7 @@
 
 Tiers, fastest first, mutually exclusive:
 
-* **decoded**: compute-ready expert weights on the compute device; a hit costs nothing. A decoded expert keeps its
-  record too (when there is a compressed tier), so that evicting it demotes it to the compressed tier.
+* **decoded**: compute-ready expert weights on the compute device; a hit costs nothing.
 * **compressed**: the expert's record bytes as stored in the container (about 2/3 of its BF16 size); a hit costs a
   decode (Numba, GIL released) but no storage read.
 * **storage**: the container; a miss costs one read of the record and a decode.
@@ -28,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from zipmoe._threads import Workers
 from zipmoe.errors import ZipmoeError
 from zipmoe.runtime.model import ExpertWeights, accumulate, expert_assignments, expert_output
 from zipmoe.runtime.store import ExpertStore
@@ -81,7 +79,7 @@ class ExpertCache:
         store: the container's experts.
         budget: bytes for the tiers and the in-flight experts.
         decoded_fraction: share of the tier bytes for decoded experts; the rest holds compressed records.
-        threads: worker threads for reading and decoding.
+        threads: threads that fetch experts (each reads its record; the store decodes on its own threads).
         max_inflight: experts fetched at once (defaults to the model's experts per token).
 
     Raises:
@@ -110,12 +108,11 @@ class ExpertCache:
         self.budget = budget
         tiers = budget - self.reserved
         self.capacity = {DECODED: int(tiers * decoded_fraction), COMPRESSED: tiers - int(tiers * decoded_fraction)}
-        self.decoded: OrderedDict[tuple[int, int], tuple[ExpertWeights, np.ndarray | None]] = OrderedDict()
+        self.decoded: OrderedDict[tuple[int, int], ExpertWeights] = OrderedDict()
         self.compressed: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.used = {DECODED: 0, COMPRESSED: 0}
         self.stats = CacheStats()
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-fetch")
-        self._decode_workers = Workers(1)  # each fetch decodes on its own thread; experts run side by side
 
     # -- the backend --------------------------------------------------------------------------------------------------
 
@@ -125,12 +122,13 @@ class ExpertCache:
         pending = []
         for expert, tokens, slots in expert_assignments(top_index):
             key = (layer, expert)
-            entry = self.decoded.get(key)
-            if entry is None:
+            weights = self.decoded.get(key)
+            if weights is None:
                 pending.append((expert, tokens, slots))
                 continue
-            weights = entry[0]
             self.decoded.move_to_end(key)
+            if key in self.compressed:
+                self.compressed.move_to_end(key)
             self.stats.hits[DECODED] += 1
             outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
         queue = iter(pending)
@@ -143,7 +141,7 @@ class ExpertCache:
                 tier = STORAGE if record is None else COMPRESSED
                 if record is not None:
                     self.used[COMPRESSED] -= record.nbytes
-                running[self._pool.submit(self._fetch, key, record)] = (expert, tokens, slots, tier)
+                running[self._pool.submit(self.store.fetch, key, record)] = (expert, tokens, slots, tier)
                 self._note_peak()
                 if len(running) >= self.max_inflight:
                     return
@@ -165,27 +163,21 @@ class ExpertCache:
             launch()
         return accumulate(x, outputs)
 
-    def _fetch(self, key: tuple[int, int], record: np.ndarray | None) -> tuple[ExpertWeights, np.ndarray]:
-        if record is None:
-            record = self.store.read(key)
-        return self.store.decode(key, record, self._decode_workers), record
-
     # -- admission and eviction ------------------------------------------------------------------------------------------
 
     def _admit(self, key: tuple[int, int], weights: ExpertWeights, record: np.ndarray) -> None:
-        """Keep a fetched expert decoded if it fits the decoded tier, else keep its record compressed."""
-        kept = record if self.capacity[COMPRESSED] else None  # a record only serves a demotion
-        nbytes = weights.nbytes + (0 if kept is None else kept.nbytes)
-        if nbytes <= self.capacity[DECODED]:
-            while self.used[DECODED] + nbytes > self.capacity[DECODED]:
-                old_key, (old_weights, old_record) = self.decoded.popitem(last=False)  # least recently used
-                self.used[DECODED] -= old_weights.nbytes + (0 if old_record is None else old_record.nbytes)
-                if old_record is not None:
-                    self._keep_compressed(old_key, old_record)  # demoted, not dropped
-            self.decoded[key] = (weights, kept)
-            self.used[DECODED] += nbytes
-        else:
-            self._keep_compressed(key, record)
+        """Keep a fetched expert's record in the compressed tier and its weights in the decoded tier, each LRU.
+
+        The compressed tier is inclusive: it also holds the records of recently decoded experts, so an expert
+        evicted from the decoded tier is still one decode away instead of one storage read.
+        """
+        if weights.nbytes <= self.capacity[DECODED]:
+            while self.used[DECODED] + weights.nbytes > self.capacity[DECODED]:
+                _, victim = self.decoded.popitem(last=False)  # least recently used
+                self.used[DECODED] -= victim.nbytes
+            self.decoded[key] = weights
+            self.used[DECODED] += weights.nbytes
+        self._keep_compressed(key, record)
         self._note_peak()
 
     def _keep_compressed(self, key: tuple[int, int], record: np.ndarray) -> None:

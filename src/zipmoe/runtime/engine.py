@@ -123,7 +123,7 @@ class Engine:
             if options.simulate_storage_gbps <= 0:
                 raise BudgetError("--simulate-storage must be a positive bandwidth in GB/s")
             throttle = StorageThrottle(options.simulate_storage_gbps * 1e9)
-        self.store = ExpertStore(self.container, self.args, self.device, self.dtype, throttle)
+        self.store = ExpertStore(self.container, self.args, self.device, self.dtype, throttle, self.threads)
         self.expert_bf16_bytes = self.store.source_nbytes * len(self.container.experts)
         self.budget = self._budget(options.memory_budget)
         fraction = options.decoded_fraction

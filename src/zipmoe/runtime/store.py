@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,7 @@ class ExpertStore:
         args: the model's hyper-parameters.
         device, dtype: where and in which dtype decoded experts are placed.
         throttle: simulated storage bandwidth, if any.
+        threads: decoder threads.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class ExpertStore:
         device: torch.device,
         dtype: torch.dtype,
         throttle: StorageThrottle | None = None,
+        threads: int = 1,
     ) -> None:
         self.container = container
         self.args = args
@@ -96,41 +99,66 @@ class ExpertStore:
         self.record_nbytes = max(nbytes for _, nbytes, _ in self._records.values())
         self.source_nbytes = sum(m.view.size for m in self._records[any_key][2])  # BF16 bytes of one expert
         self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
+        self.widen = dtype == torch.float32 and device.type == "cpu"
+        self._decoder = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-decode")
+        self._part_workers = Workers(1)  # parts decode side by side on the decoder threads
 
-    def read(self, key: tuple[int, int]) -> np.ndarray:
-        """The bytes of one expert record: one read (then the simulated transfer time, if any)."""
-        offset, nbytes, _ = self._records[key]
-        buf = np.empty(nbytes, np.uint8)
-        view = memoryview(buf)
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """Host memory for ``nbytes``: pinned when experts go to a GPU, so copies to it run asynchronously."""
+        if self.device.type == "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        return np.empty(nbytes, np.uint8)
+
+    def _read_into(self, buf: np.ndarray, start: int, stop: int, offset: int) -> None:
+        view = memoryview(buf)[start:stop]
         done = 0
-        while done < nbytes:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+        while done < view.nbytes:
+            n = os.preadv(self._fd, [view[done:]], offset + start + done)
             if n == 0:
-                raise FormatError(f"{self.container.path}: expert record {key} ends early")
+                raise FormatError(f"{self.container.path}: expert record at {offset} ends early")
             done += n
         if self.throttle is not None:
-            self.throttle.transfer(nbytes)
-        return buf
+            self.throttle.transfer(view.nbytes)
 
-    def decode(self, key: tuple[int, int], record: np.ndarray, workers: Workers) -> ExpertWeights:
-        """Decode a record (checksums verified) into compute-ready tensors."""
-        _, _, members = self._records[key]
-        pinned = self.device.type == "cuda"
-        outs = [
-            torch.empty(m.view.size, dtype=torch.uint8, pin_memory=pinned).numpy()
-            if pinned
-            else np.empty(m.view.size, np.uint8)
-            for m in members
-        ]
+    def fetch(self, key: tuple[int, int], record: np.ndarray | None = None) -> tuple[ExpertWeights, np.ndarray]:
+        """The compute-ready weights of one expert, and its record bytes (checksums verified).
+
+        A record already in memory is decoded at once, its parts side by side. Otherwise the record is read from
+        storage front to back, one part at a time, and each part is decoded while the next one is being read, so
+        that reading and decoding overlap. For float32 compute on a CPU, BF16 members decode straight to float32;
+        for a GPU they decode into pinned memory and are copied asynchronously.
+        """
+        offset, nbytes, members = self._records[key]
+        widen = self.widen and all(m.dtype == "BF16" for m in members)
+        outs = [self._buffer(m.view.size * (2 if widen else 1)) for m in members]
         label = f"expert (layer {key[0]}, expert {key[1]})"
+
+        def decode(i: int, buf: np.ndarray) -> None:
+            item = (buf, members[i].view, outs[i], f"{label} {members[i].name!r}")
+            decode_parts([item], self._part_workers, widen=widen)
+
+        if record is not None:
+            futures = [self._decoder.submit(decode, i, record) for i in range(len(members))]
+        else:
+            record = self._buffer(nbytes)
+            futures = []
+            position = 0
+            for i, m in enumerate(members):  # parts are in offset order; the gaps between them are padding
+                end = m.view.offset + m.view.nbytes
+                self._read_into(record, position, end, offset)
+                futures.append(self._decoder.submit(decode, i, record))
+                position = end
+            self._read_into(record, position, nbytes, offset)
         try:
-            decode_parts([(record, m.view, out, f"{label} {m.name!r}") for m, out in zip(members, outs)], workers)
+            for future in futures:
+                future.result()
         except FormatError as exc:
             raise type(exc)(f"{self.container.path}: {exc}") from None
-        tensors = [(m.name, to_tensor(out, m.dtype, m.shape)) for m, out in zip(members, outs)]
-        return assemble_expert(tensors, self.args, self.device, self.dtype)
+        tensors = [(m.name, to_tensor(out, "F32" if widen else m.dtype, m.shape)) for m, out in zip(members, outs)]
+        return assemble_expert(tensors, self.args, self.device, self.dtype), record
 
     def close(self) -> None:
+        self._decoder.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -1,0 +1,222 @@
+"""`zipmoe bench run`: serving speed under a memory budget, against the baselines, each in a fresh process.
+
+Every configuration generates the same tokens (greedy, fixed prompt ids, EOS ignored) from the same checkpoint:
+
+* ``full``: every weight in memory, no cache (the upper bound);
+* ``uncompressed``: the same runtime, reading a container packed with ``--coder none``, one decoded LRU tier;
+* ``zipmoe``: the lossless container with the decoded and compressed tiers;
+* ``zipmoe, all hits``: a budget that holds every expert decoded, timed on a second generation;
+* ``accelerate``: transformers with ``device_map="auto"`` and disk offload at the same memory (no throttle).
+
+Budgets are percentages of the checkpoint's BF16 expert bytes and cover the expert cache (decoded experts are
+float32 on a CPU, twice their BF16 size; BF16 on a GPU). Storage is simulated with ``--simulate-storage`` (see
+`zipmoe.runtime.store`); "none" reads from the page cache at full speed. Each configuration runs in its own process,
+so its peak resident memory above what it had after loading the dense weights measures the cache's real footprint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zipmoe.errors import ZipmoeError
+
+
+@dataclass
+class ServingRow:
+    """One configuration's measurements."""
+
+    method: str
+    budget_percent: float | None
+    storage_gbps: float | None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "budget_percent": self.budget_percent, "storage_gbps": self.storage_gbps, **self.result}
+
+
+def _current_rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration (in this process) and return its measurements."""
+    import torch
+
+    from zipmoe._memory import peak_rss_bytes
+    from zipmoe.runtime.generate import SamplingOptions, generate
+
+    prompt = config["prompt"]
+    sampling = SamplingOptions(max_new_tokens=config["new_tokens"], stop_at_eos=False)
+    torch.set_num_threads(config["threads"])
+    device = torch.device(config["device"])
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    method = config["method"]
+    out: dict[str, Any] = {}
+    if method == "accelerate":
+        return _accelerate(config, prompt, sampling)
+    if method == "full":
+        from zipmoe.runtime.model import InMemoryExperts, Transformer
+        from zipmoe.runtime.weights import load_checkpoint
+
+        args, dense, experts = load_checkpoint(config["checkpoint"], device, dtype)
+        model = Transformer(args, dense, InMemoryExperts(experts))
+        loaded = _current_rss()
+        generate(model, prompt[:4], SamplingOptions(max_new_tokens=2))  # warm-up (GPU kernels, allocator)
+        result = generate(model, prompt, sampling)
+    else:
+        from zipmoe.codecs.parts import warm_up
+        from zipmoe.runtime.engine import Engine, EngineOptions
+
+        warm_up()
+        options = EngineOptions(
+            device=device.type,
+            dtype=str(dtype).removeprefix("torch."),
+            memory_budget=config["budget"],
+            decoded_fraction=config["decoded_fraction"],
+            threads=config["threads"],
+            simulate_storage_gbps=config["storage_gbps"],
+        )
+        engine = Engine(config["container"], options)
+        loaded = _current_rss()
+        if config.get("warm"):
+            engine.generate_tokens(prompt, sampling)
+            engine.cache.stats.__init__()  # count the timed generation only
+        result = engine.generate_tokens(prompt, sampling)
+        out["cache"] = engine.cache.stats.to_json()
+        out["budget_bytes"] = engine.budget
+        out["dense_bytes"] = engine.dense_bytes
+        engine.close()
+    out.update(
+        tokens=result.tokens,
+        ttft_seconds=result.ttft,
+        tpot_seconds=result.tpot,
+        tokens_per_second=result.tokens_per_second,
+        rss_after_load=loaded,
+        peak_rss=peak_rss_bytes(),
+    )
+    return out
+
+
+def _accelerate(config: dict[str, Any], prompt: list[int], sampling: Any) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from zipmoe._memory import peak_rss_bytes
+
+    with tempfile.TemporaryDirectory(prefix="zipmoe-offload-") as folder:
+        gpu = config["device"] == "cuda"
+        memory = int(config["accelerate_memory"])
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            config["checkpoint"],
+            dtype=torch.bfloat16 if gpu else torch.float32,
+            device_map="auto",
+            max_memory={0: memory, "cpu": 1 << 30} if gpu else {"cpu": memory},
+            offload_folder=folder,
+        ).eval()
+        loaded = _current_rss()
+        ids = torch.tensor([prompt], device="cuda" if gpu else "cpu")
+        with torch.no_grad():
+            model(ids[:, :4], use_cache=True)  # warm-up
+            start = time.perf_counter()
+            out = model(ids, use_cache=True)
+            cache = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            ttft = time.perf_counter() - start
+            tokens, steps = [token], []
+            for _ in range(sampling.max_new_tokens - 1):
+                start = time.perf_counter()
+                out = model(torch.tensor([[token]], device=ids.device), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                steps.append(time.perf_counter() - start)
+                tokens.append(token)
+    return {
+        "tokens": tokens,
+        "ttft_seconds": ttft,
+        "tpot_seconds": sum(steps) / len(steps),
+        "tokens_per_second": len(steps) / sum(steps),
+        "rss_after_load": loaded,
+        "peak_rss": peak_rss_bytes(),
+        "device_map": sorted(set(model.hf_device_map.values())),
+    }
+
+
+def _run_child(config: dict[str, Any]) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "zipmoe.bench.serving", json.dumps(config)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        lines = (result.stderr or "").strip().splitlines()
+        raise ZipmoeError(f"benchmark configuration {config['method']} failed: {lines[-1] if lines else result.returncode}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_serving_bench(
+    checkpoint: Path,
+    container: Path,
+    uncompressed: Path,
+    *,
+    budgets: tuple[float, ...] = (25, 50, 100),
+    storages: tuple[float, ...] = (1.25, 3.5),
+    decoded_fraction: float | None = None,
+    prompt_tokens: int = 32,
+    new_tokens: int = 32,
+    accelerate_tokens: int = 4,
+    threads: int = 2,
+    device: str = "cpu",
+    vocab: int = 256,
+    on_row: Any = None,
+) -> list[ServingRow]:
+    """Run every configuration (see the module docstring); returns one row each, the ``full`` row first."""
+    prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
+    base = {
+        "prompt": prompt, "new_tokens": new_tokens, "threads": threads, "decoded_fraction": decoded_fraction,
+        "device": device,
+    }  # fmt: skip
+    note = on_row or (lambda s: None)
+    rows = []
+
+    def run(method: str, budget: float | None, storage: float | None, **extra: Any) -> ServingRow:
+        note(f"{method}, budget {'everything' if budget is None else f'{budget:g}%'}, storage {storage or 'page cache'}")
+        config = {**base, "method": method, "storage_gbps": storage, "checkpoint": str(checkpoint)}
+        config.update(budget=None if budget is None else f"{budget}%", **extra)
+        row = ServingRow(method, budget, storage, _run_child(config))
+        rows.append(row)
+        return row
+
+    full = run("full", None, None)
+    for storage in storages:
+        for budget in budgets:
+            run("uncompressed", budget, storage, container=str(uncompressed), decoded_fraction=1.0)
+            run("zipmoe", budget, storage, container=str(container))
+    run("zipmoe, all hits", None, None, container=str(container), warm=True, decoded_fraction=1.0)
+    no_throttle = run("zipmoe", 50, None, container=str(container))
+    accelerate = {**base, "method": "accelerate", "checkpoint": str(checkpoint), "new_tokens": accelerate_tokens}
+    accelerate["accelerate_memory"] = no_throttle.result["dense_bytes"] + no_throttle.result["budget_bytes"]
+    note("accelerate disk offload")
+    try:
+        rows.append(ServingRow("accelerate", 50, None, _run_child(accelerate)))
+    except ZipmoeError as exc:
+        rows.append(ServingRow("accelerate", 50, None, {"error": str(exc)}))
+    for row in rows:  # every configuration must generate the reference tokens (accelerate: its first ones)
+        tokens = row.result.get("tokens")
+        if tokens is not None:
+            row.result["tokens_match_full"] = tokens == full.result["tokens"][: len(tokens)]
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.argv[1]))))
