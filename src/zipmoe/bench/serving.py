@@ -123,7 +123,7 @@ def _accelerate(config: dict[str, Any], prompt: list[int], sampling: Any) -> dic
             config["checkpoint"],
             dtype=torch.bfloat16 if gpu else torch.float32,
             device_map="auto",
-            max_memory={0: memory, "cpu": 1 << 30} if gpu else {"cpu": memory},
+            max_memory={"cuda:0": memory, "cpu": 1 << 30} if gpu else {"cpu": memory},
             offload_folder=folder,
         ).eval()
         loaded = _current_rss()

@@ -101,7 +101,7 @@ class ExpertStore:
         self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
         self.widen = dtype == torch.float32 and device.type == "cpu"
         self._decoder = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-decode")
-        self._part_workers = Workers(1)  # parts decode side by side on the decoder threads
+        self._part_workers = Workers(threads)  # and each part's chunks on every thread
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         """Host memory for ``nbytes``: pinned when experts go to a GPU, so copies to it run asynchronously."""
