@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(BIN)/zipmoe bench codecs
 	$(BIN)/zipmoe bench pack
+	$(BIN)/zipmoe bench run
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

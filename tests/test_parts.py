@@ -122,7 +122,9 @@ def test_encoding_configs():
         encoding_from_config({"id": "raw"})
 
 
-@pytest.mark.parametrize("encoding", [Bf16Split(parse_coder("rans"), 1024), Bf16Split(parse_coder("lz4"), 1024), Raw(1024)])
+@pytest.mark.parametrize(
+    "encoding", [Bf16Split(parse_coder("rans"), 1024), Bf16Split(parse_coder("lz4"), 1024), Raw(1024)]
+)
 def test_widened_decode_gives_float32_bits(encoding):
     data = np.frombuffer(bf16_bytes((5000,), seed=5), np.uint8)
     part = encode_part(encoding, data, WORKERS)

@@ -47,8 +47,16 @@ PRESETS = {
     # `zipmoe bench run`: Qwen1.5-MoE-A2.7B (Qwen2-MoE architecture, 60 experts of 2048 x 1408, top-4, shared
     # expert of 5632) with 2 of its 24 layers and a byte-level vocabulary: 2.2 GB, 2.1 GB of it routed experts.
     "qwen-moe-bench": Preset(
-        hidden=2048, intermediate=1408, layers=2, experts=60, heads=16, kv_heads=16, max_shard_bytes=1 << 30,
-        family="qwen2_moe", top_k=4, shared_intermediate=5632,
+        hidden=2048,
+        intermediate=1408,
+        layers=2,
+        experts=60,
+        heads=16,
+        kv_heads=16,
+        max_shard_bytes=1 << 30,
+        family="qwen2_moe",
+        top_k=4,
+        shared_intermediate=5632,
     ),  # fmt: skip
 }
 

@@ -41,7 +41,12 @@ class ServingRow:
     result: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "budget_percent": self.budget_percent, "storage_gbps": self.storage_gbps, **self.result}
+        return {
+            "method": self.method,
+            "budget_percent": self.budget_percent,
+            "storage_gbps": self.storage_gbps,
+            **self.result,
+        }
 
 
 def _current_rss() -> int:
@@ -163,7 +168,9 @@ def _offload_map(checkpoint: str, device: int | str, fraction: float) -> dict[st
     if args.family != "qwen2_moe":
         raise ZipmoeError(f"the accelerate baseline maps Qwen2-MoE modules only, not {args.family}")
     on_disk = set(range(args.n_layers - round(args.n_layers * fraction), args.n_layers))
-    device_map: dict[str, int | str] = {name: device for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")}
+    device_map: dict[str, int | str] = {
+        name: device for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
+    }
     for i in range(args.n_layers):
         p = f"model.layers.{i}."
         for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate", "mlp.shared_expert",
@@ -179,7 +186,9 @@ def _run_child(config: dict[str, Any]) -> dict[str, Any]:
     )
     if result.returncode != 0:
         lines = (result.stderr or "").strip().splitlines()
-        raise ZipmoeError(f"benchmark configuration {config['method']} failed: {lines[-1] if lines else result.returncode}")
+        raise ZipmoeError(
+            f"benchmark configuration {config['method']} failed: {lines[-1] if lines else result.returncode}"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -209,7 +218,9 @@ def run_serving_bench(
     rows = []
 
     def run(method: str, budget: float | None, storage: float | None, **extra: Any) -> ServingRow:
-        note(f"{method}, budget {'everything' if budget is None else f'{budget:g}%'}, storage {storage or 'page cache'}")
+        note(
+            f"{method}, budget {'everything' if budget is None else f'{budget:g}%'}, storage {storage or 'page cache'}"
+        )
         config = {**base, "method": method, "storage_gbps": storage, "checkpoint": str(checkpoint)}
         config.update(budget=None if budget is None else f"{budget}%", **extra)
         row = ServingRow(method, budget, storage, _run_child(config))

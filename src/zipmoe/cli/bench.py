@@ -172,8 +172,12 @@ def run(
             show_default=False,
         ),
     ] = None,
-    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets, % of BF16 expert bytes.")] = "25,50,100",
-    storages: Annotated[str, typer.Option("--storage", help="Comma-separated simulated storage speeds, GB/s.")] = "1.25,3.5",
+    budgets: Annotated[
+        str, typer.Option("--budgets", help="Comma-separated budgets, % of BF16 expert bytes.")
+    ] = "25,50,100",
+    storages: Annotated[
+        str, typer.Option("--storage", help="Comma-separated simulated storage speeds, GB/s.")
+    ] = "1.25,3.5",
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per configuration.")] = 32,
     decoded_fraction: Annotated[
         Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, help="zipmoe's decoded share.")
@@ -219,7 +223,9 @@ def run(
             continue
         base = baseline.get((r.budget_percent, r.storage_gbps))
         cache = res.get("cache")
-        served = "-" if not cache else "/".join(str(cache["served_from"][k]) for k in ("decoded", "compressed", "storage"))
+        served = (
+            "-" if not cache else "/".join(str(cache["served_from"][k]) for k in ("decoded", "compressed", "storage"))
+        )
         t.add_row(
             r.method,
             "-" if r.budget_percent is None else f"{r.budget_percent:g}%",

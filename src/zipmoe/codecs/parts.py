@@ -447,7 +447,9 @@ def decode_parts(
             else:
                 out[lo:hi] = buf[start + lo : start + hi]
             return -1, "", ""
-        return enc.coder.decode_chunks(buf, layout.chunks, first, last, out.view(np.uint32 if widen else np.uint16), check)
+        return enc.coder.decode_chunks(
+            buf, layout.chunks, first, last, out.view(np.uint32 if widen else np.uint16), check
+        )
 
     counts = [part.n_chunks for _, part, _, _ in items]
     min_chunks = min((layout.min_chunks for layout in layouts), default=1)

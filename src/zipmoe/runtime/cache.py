@@ -1,14 +1,16 @@
 """A hierarchical, compression-aware expert cache under one byte budget (the ZipMoE idea, with LRU tiers).
 
-Tiers, fastest first, mutually exclusive:
+Tiers, fastest first:
 
 * **decoded**: compute-ready expert weights on the compute device; a hit costs nothing.
-* **compressed**: the expert's record bytes as stored in the container (about 2/3 of its BF16 size); a hit costs a
-  decode (Numba, GIL released) but no storage read.
+* **compressed**: expert records as stored in the container (about 2/3 of their BF16 size) in host memory; a hit
+  costs a decode (Numba, GIL released) but no storage read.
 * **storage**: the container; a miss costs one read of the record and a decode.
 
-A fetched expert goes to the decoded tier when it fits, else to the compressed tier; each tier evicts its least
-recently used entries.
+A fetched expert's weights go to the decoded tier and its record to the compressed tier; each tier evicts its
+least recently used entries on its own. The compressed tier is inclusive (it also holds records of experts that are
+decoded), so an expert evicted from the decoded tier stays one decode away. The ZipMoE reference's third tier, which
+keeps only an expert's sign+mantissa bytes and reads its exponents on a miss, is not implemented.
 
 The budget covers the two tiers plus the experts being fetched: ``max_inflight`` experts (records, decode buffers
 and weights) are reserved first, the rest is split between the tiers by ``decoded_fraction``. The minimum budget is
