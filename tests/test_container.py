@@ -125,9 +125,9 @@ def test_not_a_container(tmp_path):
 
 def test_unknown_version(damaged):
     data = bytearray(damaged.read_bytes())
-    data[8:12] = struct.pack("<I", 2)
+    data[8:12] = struct.pack("<I", 3)
     damaged.write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=r"unsupported format version 2 \(this zipmoe reads version 1\)"):
+    with pytest.raises(FormatError, match=r"unsupported format version 3 \(this zipmoe reads versions 1 and 2\)"):
         Container(damaged)
 
 

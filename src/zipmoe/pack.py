@@ -38,10 +38,20 @@ from zipmoe.errors import OutputError, VerificationError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
 from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SUFFIX
 from zipmoe.formats.experts import ModelLayout, classify
-from zipmoe.formats.manifest import Blob, EmbeddedFile, ExpertRecord, Manifest, SafetensorsEntry, TensorEntry
+from zipmoe.formats.manifest import (
+    Blob,
+    EmbeddedFile,
+    ExpertRecord,
+    Manifest,
+    SafetensorsEntry,
+    SliceRecord,
+    TensorEntry,
+)
 from zipmoe.formats.reader import Container
 from zipmoe.formats.safetensors_file import SourceTensor
 from zipmoe.formats.writer import ContainerWriter
+from zipmoe.quant.amat import quantize_tensor
+from zipmoe.quant.spec import LSB, MSB, SliceError, SliceSpec
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just processed
 _HASH_BLOCK = 8 << 20
@@ -57,6 +67,7 @@ class PackOptions:
         threads: worker threads (None: every available CPU).
         verify: read every checksum back from the finished file before publishing it.
         force: overwrite an existing output file.
+        slices: also store AMAT MSB/LSB slices of every expert (SliceMoE), in this configuration.
     """
 
     coder: ExponentCoder | None = field(default_factory=RansCoder)  # None: BF16 stored uncompressed
@@ -64,6 +75,7 @@ class PackOptions:
     threads: int | None = None
     verify: bool = True
     force: bool = False
+    slices: SliceSpec | None = None
 
     def __post_init__(self) -> None:
         if self.coder is not None:
@@ -175,6 +187,8 @@ def pack(
     started = time.perf_counter()
     checkpoint = open_checkpoint(source)
     layout = classify(checkpoint.config, [t for _, t in checkpoint.tensors.values()])
+    if options.slices is not None:
+        _check_sliceable(checkpoint, layout, options.slices)
     for message in layout.warnings:
         if warn:
             warn(message)
@@ -200,6 +214,19 @@ def pack(
         warnings=layout.warnings,
         verified=options.verify,
     )
+
+
+def _check_sliceable(checkpoint: Checkpoint, layout: ModelLayout, spec: SliceSpec) -> None:
+    """Fail before writing anything if some expert tensor cannot be sliced."""
+    if not layout.experts:
+        raise SliceError(
+            f"{checkpoint.source.describe()}: no routed experts were recognised, so there is nothing to slice"
+        )
+    for name in layout.experts:
+        _, tensor = checkpoint.tensors[name]
+        if tensor.dtype != "BF16":
+            raise SliceError(f"cannot slice {name!r}: slices are made from BF16 weights, this tensor is {tensor.dtype}")
+        spec.check_shape(name, tensor.shape if layout.experts[name].expert is not None else tensor.shape[1:])
 
 
 def _check_written(path: Path, workers: Workers) -> None:
@@ -233,6 +260,11 @@ class _Packer:
         self.bf16 = Bf16Split(options.coder, options.chunk_values) if options.coder else self.raw
         self.encodings = [self.bf16.get_config()] + ([self.raw.get_config()] if options.coder else [])
         self.stats = {CLASS_EXPERT: ClassStats(), CLASS_DENSE: ClassStats(), "files": ClassStats()}
+        self.spec = options.slices
+        if self.spec is not None:
+            self.stats[MSB], self.stats[LSB] = ClassStats(), ClassStats()
+        self.slice_records: list[SliceRecord] = []
+        self._slices: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # the expert being written
         # Tensors in checkpoint order: (file index, offset).
         self.order = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
         self.index = {t.name: i for i, (_, t) in enumerate(self.order)}
@@ -281,6 +313,10 @@ class _Packer:
         label = f"{tensor.name}" + (f" part {part}" if n_parts > 1 else "")
         encoded = self._encode_checked(data, encoding, label)
         offset = self.writer.write_part(encoded.data) if in_record else self.writer.write_record(encoded.data)
+        if in_record and self.spec is not None:
+            rows, cols = self.spec.check_shape(tensor.name, tensor.shape[1:] if n_parts > 1 else tensor.shape)
+            msb, lsb = quantize_tensor(data.view(np.uint16), rows, cols, self.spec, self.workers, name=label)
+            self._slices.append((self.index[tensor.name], part, size, msb, lsb))
         hashing.result()  # the buffer is reused by the next part
         if encoded.exponent_histogram is not None:
             self.entropy.setdefault(tensor.name, np.zeros(256, np.int64))
@@ -333,6 +369,8 @@ class _Packer:
             tensors=tensors,
             experts=records,
             stats={"classes": classes},
+            slices=self.spec,
+            slice_records=tuple(self.slice_records),
         )
 
     def _pack_files(self) -> tuple[EmbeddedFile, ...]:
@@ -381,13 +419,32 @@ class _Packer:
         records = []
         for (layer, expert), members in sorted(groups.items()):
             members.sort(key=lambda m: (m[0], m[1]))  # checkpoint order: (file, offset)
-            self.writer.begin_expert()
+            self.writer.begin_record()
             for file_index, _, tensor, part, n_parts in members:
                 self.parts[tensor.name][part] = self._pack_part(file_index, tensor, part, n_parts, in_record=True)
-            offset, nbytes = self.writer.end_expert()
+            offset, nbytes = self.writer.end_record()
             member_ids = tuple((self.index[t.name], part) for _, _, t, part, _ in members)
             records.append(ExpertRecord(layer, expert, offset, nbytes, member_ids))
+            if self.spec is not None:
+                self._write_slices(layer, expert)
         return tuple(records)
+
+    def _write_slices(self, layer: int, expert: int) -> None:
+        """The MSB record, then the LSB record, of the expert just written (each contiguous, apart from the other)."""
+        for kind in (MSB, LSB):
+            self.writer.begin_record()
+            members = []
+            for t_index, part, source_nbytes, msb, lsb in self._slices:
+                payload = msb if kind == MSB else lsb
+                encoded = self._encode_checked(payload, self.raw, f"{kind} slice of {self.order[t_index][1].name}")
+                offset = self.writer.write_part(encoded.data)
+                blob = Blob(offset, encoded.data.size, payload.size, encoded.n_chunks, encoded.directory_xxh64)
+                members.append((t_index, part, blob))
+                self.stats[kind].add(source_nbytes, encoded.data.size, None)
+            offset, nbytes = self.writer.end_record()
+            self.slice_records.append(SliceRecord(layer, expert, kind, offset, nbytes, tuple(members)))
+            self.stats[kind].n_tensors += len(members)
+        self._slices = []
 
     def _tensor_entry(self, file_index: int, tensor: SourceTensor) -> TensorEntry:
         placement = self.layout.experts.get(tensor.name)

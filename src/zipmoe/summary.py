@@ -10,6 +10,7 @@ import numpy as np
 from zipmoe.codecs.bf16 import entropy_bits
 from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, HEADER_NBYTES
 from zipmoe.formats.reader import Container
+from zipmoe.quant.spec import SLICE_KINDS
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
             sum(b.nbytes for b in file_blobs),
         )
     )
+    slices = _slices(container, sections)
     stored = sum(s.stored_bytes for s in sections)
     sections.append(Section("manifest", 1, 0, h.manifest_nbytes))
     padding = h.file_nbytes - stored - h.manifest_nbytes - HEADER_NBYTES
@@ -88,6 +90,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
         "files": [{"name": f.name, "role": f.role, "bytes": f.blob.size} for f in m.files],
         "safetensors": [{"name": s.name, "bytes": s.nbytes, "sha256": s.sha256} for s in m.safetensors],
         "sections": [s.to_json() for s in sections] + [total.to_json()],
+        "slices": slices,
     }
     if tensors:
         doc["tensors"] = [
@@ -108,6 +111,27 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
             for t in m.tensors
         ]
     return doc
+
+
+def _slices(container: Container, sections: list[Section]) -> dict[str, Any] | None:
+    """Add a section per slice kind (sizes against the BF16 experts); the slice configuration and per-expert sizes."""
+    spec = container.slice_spec
+    if spec is None:
+        return None
+    m = container.manifest
+    expert_bf16 = sum(t.size for t in m.tensors if t.tensor_class == CLASS_EXPERT)
+    out: dict[str, Any] = {**spec.get_config(), "label": spec.label}
+    for kind in SLICE_KINDS:
+        records = [r for r in m.slice_records if r.kind == kind]
+        blobs = [blob for r in records for _, _, blob in r.members]
+        sections.append(Section(f"{kind.upper()} slices ({spec.bits_per_weight(kind):g} bits/weight)", len(blobs),
+                                expert_bf16, sum(b.nbytes for b in blobs)))  # fmt: skip
+        out[kind] = {
+            "bits_per_weight": spec.bits_per_weight(kind),
+            "record_bytes": max((r.nbytes for r in records), default=0),
+            "total_bytes": sum(r.nbytes for r in records),
+        }
+    return out
 
 
 def _section(name: str, tensors: list, entropy: float | None) -> Section:

@@ -2,8 +2,10 @@
 
 Checks, in order: the structure (header, manifest, record layout: done by opening), that alignment padding is all
 zero bytes, every checksum of every chunk, that every tensor decodes to bytes whose SHA-256 is the recorded source
-hash, and, given the source checkpoint, that every tensor equals the source tensor bit for bit. Every failure is
-recorded with the tensor, the chunk and the file offset; verification goes on past the first one.
+hash, and, given the source checkpoint, that every tensor equals the source tensor bit for bit. For a container
+with AMAT slices, every expert tensor is also quantized again: its stored MSB and LSB slices must equal the result
+byte for byte, and together dequantize to exactly the weights of quantizing it at the high bit width directly.
+Every failure is recorded with the tensor, the chunk and the file offset; verification goes on past the first one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from zipmoe._threads import Workers
 from zipmoe.codecs.parts import check_part, decode_part
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
-from zipmoe.formats.manifest import TensorEntry
+from zipmoe.formats.constants import CLASS_EXPERT
+from zipmoe.formats.manifest import Blob, TensorEntry
 from zipmoe.formats.reader import Container
+from zipmoe.quant.amat import base_quantized, dequantize_tensor, quantize_tensor
+from zipmoe.quant.spec import LSB, MSB, Precision, SliceError
 
 _SCAN_BLOCK = 64 << 20
 
@@ -34,6 +39,7 @@ class VerifyReport:
     n_parts: int = 0
     n_chunks: int = 0
     n_files: int = 0
+    n_slices: int = 0
     decoded_bytes: int = 0
     source: str | None = None  # the checkpoint compared against, if any
     failures: list[str] = field(default_factory=list)
@@ -50,6 +56,7 @@ class VerifyReport:
             "parts": self.n_parts,
             "chunks": self.n_chunks,
             "files": self.n_files,
+            "slices": self.n_slices,
             "decoded_bytes": self.decoded_bytes,
             "source": self.source,
             "failures": self.failures,
@@ -93,11 +100,15 @@ def verify(
         _check_files(container, report, workers)
         buffer = np.empty(0, np.uint8)
         source_buffer = np.empty(0, np.uint8)
-        for tensor in container.manifest.tensors:
+        slices = _SliceChecker(container, report, workers) if container.slice_spec is not None else None
+        for t_index, tensor in enumerate(container.manifest.tensors):
             if buffer.size < tensor.size:
                 buffer = np.empty(tensor.size, np.uint8)
                 source_buffer = np.empty(tensor.size, np.uint8) if checkpoint else source_buffer
-            _check_tensor(container, tensor, buffer[: tensor.size], checkpoint, source_buffer, report, workers)
+            out = buffer[: tensor.size]
+            intact = _check_tensor(container, tensor, out, checkpoint, source_buffer, report, workers)
+            if slices is not None and intact and tensor.tensor_class == CLASS_EXPERT:
+                slices.check(t_index, tensor, out)
             progress(tensor.size)
     return report
 
@@ -152,7 +163,8 @@ def _check_tensor(
     source_buffer: np.ndarray,
     report: VerifyReport,
     workers: Workers,
-) -> None:
+) -> bool:
+    """Check one tensor (decoded into ``out``); True when it decoded to the recorded SHA-256."""
     report.n_tensors += 1
     digest = hashlib.sha256()
     position = 0
@@ -179,9 +191,10 @@ def _check_tensor(
         position += blob.size
     report.decoded_bytes += position
     if not intact:
-        return
+        return False
     if digest.hexdigest() != tensor.sha256:
         report.failures.append(f"tensor {tensor.name!r}: decoded bytes do not match the recorded source SHA-256")
+        return False
     if checkpoint is not None and tensor.name in checkpoint.tensors:
         file_index, source = checkpoint.tensors[tensor.name]
         if source.dtype != tensor.dtype or source.shape != tensor.shape:
@@ -189,11 +202,81 @@ def _check_tensor(
                 f"tensor {tensor.name!r}: source is {source.dtype} {list(source.shape)}, "
                 f"container has {tensor.dtype} {list(tensor.shape)}"
             )
-            return
+            return False
         expected = source_buffer[: source.nbytes]
         checkpoint.files[file_index].read_into(source.start, expected)
         if not np.array_equal(expected, out):
             report.failures.append(f"tensor {tensor.name!r}: {first_difference(expected, out, tensor.dtype)}")
+            return False
+    return True
+
+
+class _SliceChecker:
+    """Checks the AMAT slices of expert tensors against their (verified) decoded weights."""
+
+    def __init__(self, container: Container, report: VerifyReport, workers: Workers) -> None:
+        self.container = container
+        self.spec = container.slice_spec
+        self.report = report
+        self.workers = workers
+        self.raw = container.encodings[container.raw_encoding_index]
+        self.blobs: dict[tuple[int, int, str], Blob] = {
+            (t, p, r.kind): blob for r in container.manifest.slice_records for t, p, blob in r.members
+        }
+
+    def _stored(self, label: str, blob: Blob) -> np.ndarray | None:
+        """A slice payload, its checksums checked (None, with the failures reported, when they do not match)."""
+        self.report.n_slices += 1
+        self.report.n_chunks += blob.n_chunks
+        view = self.container.blob_view(blob, self.raw)
+        failures = check_part(self.container.data, view, self.workers)
+        if failures:
+            self.report.failures += [f"{label}: {f.describe()}" for f in failures]
+            return None
+        payload = np.empty(blob.size, np.uint8)
+        decode_part(self.container.data, view, payload, self.workers, check=False)
+        self.container.release(blob.offset, blob.nbytes)
+        return payload
+
+    def check(self, t_index: int, tensor: TensorEntry, decoded: np.ndarray) -> None:
+        part_nbytes = tensor.size // len(tensor.parts)
+        for p in range(len(tensor.parts)):
+            label = f"{tensor.name!r}" + (f" part {p}" if tensor.fused else "")
+            values = decoded[p * part_nbytes : (p + 1) * part_nbytes].view(np.uint16)
+            try:
+                rows, cols = self.spec.check_shape(tensor.name, tensor.shape[1:] if tensor.fused else tensor.shape)
+                expected = dict(zip((MSB, LSB), quantize_tensor(values, rows, cols, self.spec, self.workers)))
+            except SliceError as exc:
+                self.report.failures.append(f"slices of {label}: {exc}")
+                continue
+            stored = {}
+            for kind in (MSB, LSB):
+                blob = self.blobs[(t_index, p, kind)]
+                payload = self._stored(f"{kind.upper()} slice of {label}", blob)
+                if payload is None:
+                    continue
+                stored[kind] = payload
+                if not np.array_equal(payload, expected[kind]):
+                    first = int(np.flatnonzero(payload != expected[kind])[0])
+                    self.report.failures.append(
+                        f"{kind.upper()} slice of {label}: byte {first} differs from quantizing the weights again "
+                        f"(file offset {blob.offset + blob.nbytes - blob.size + first})"
+                    )
+            if len(stored) == 2:
+                self._check_recombined(label, stored[MSB], stored[LSB], values, rows, cols)
+
+    def _check_recombined(
+        self, label: str, msb: np.ndarray, lsb: np.ndarray, values: np.ndarray, rows: int, cols: int
+    ) -> None:
+        sliced = np.empty(rows * cols, np.float32)
+        dequantize_tensor(msb, lsb, rows, cols, self.spec, Precision.HIGH, sliced, self.workers)
+        direct = base_quantized(values, rows, cols, self.spec.high_bits, self.spec.group_size, self.workers)
+        if not np.array_equal(sliced.view(np.uint32), direct.view(np.uint32)):
+            index = int(np.flatnonzero(sliced.view(np.uint32) != direct.view(np.uint32))[0])
+            self.report.failures.append(
+                f"slices of {label}: MSB+LSB dequantize to {sliced[index]!r} at element {index}, "
+                f"the {self.spec.high_bits}-bit weight is {direct[index]!r}"
+            )
 
 
 def first_difference(expected: np.ndarray, got: np.ndarray, dtype: str) -> str:

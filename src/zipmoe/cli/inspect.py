@@ -56,6 +56,12 @@ def command(
         )
     for config in doc["encodings"]:
         stdout.print(f"encoding  {escape(_describe(config))}")
+    if doc["slices"]:
+        sl = doc["slices"]
+        stdout.print(
+            f"slices    AMAT {sl['label']}, groups of {sl['group_size']}: per expert an MSB record of "
+            f"{human_bytes(sl['msb']['record_bytes'])} and an LSB record of {human_bytes(sl['lsb']['record_bytes'])}"
+        )
     t = table("section", "count", "source", "stored", "ratio", "exp. entropy", "bound (8+H)/16")
     for s in doc["sections"]:
         entropy = "-" if s["exponent_entropy"] is None else f"{s['exponent_entropy']:.3f} bits"

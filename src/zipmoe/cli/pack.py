@@ -14,6 +14,7 @@ from zipmoe.codecs.coders import parse_coder
 from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES
 from zipmoe.pack import PackOptions
 from zipmoe.pack import pack as run_pack
+from zipmoe.quant.spec import parse_slices
 
 NAME = "pack"
 EPILOG = """Examples:
@@ -23,9 +24,17 @@ EPILOG = """Examples:
   zipmoe pack Qwen/Qwen1.5-MoE-A2.7B            # from the Hub (or its local cache with HF_HUB_OFFLINE=1)
 
   zipmoe pack org/model@v1.0 --coder zstd:3 --threads 8
+
+  zipmoe pack ./Qwen1.5-MoE-A2.7B --slices 8:4     # also AMAT 8-bit experts as 4-bit MSB + 4-bit LSB slices
 """
 
-_ROWS = (("expert", "expert tensors"), ("dense", "dense tensors"), ("files", "files and headers"))
+_ROWS = (
+    ("expert", "expert tensors"),
+    ("dense", "dense tensors"),
+    ("files", "files and headers"),
+    ("msb", "MSB slices (vs BF16)"),
+    ("lsb", "LSB slices (vs BF16)"),
+)
 
 
 def command(
@@ -42,6 +51,14 @@ def command(
     chunk_values: Annotated[
         int, typer.Option("--chunk-values", help="BF16 values per independently decodable chunk (multiple of 64).")
     ] = DEFAULT_CHUNK_VALUES,
+    slices: Annotated[
+        Optional[str],
+        typer.Option(
+            "--slices",
+            help="Also store AMAT slices of every expert: HIGH:LOW bits, 8:4 (default scheme), 6:3 or 4:2. "
+            "`zipmoe run --mode dbsc|q8|q4` serves them.",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip reading every checksum back before publishing the file.")
@@ -52,7 +69,12 @@ def command(
 ) -> None:
     """Pack a Hugging Face MoE checkpoint into one verified .zmoe container (bit-exact)."""
     options = PackOptions(
-        coder=parse_coder(coder), chunk_values=chunk_values, threads=threads, verify=not no_verify, force=force
+        coder=parse_coder(coder),
+        chunk_values=chunk_values,
+        threads=threads,
+        verify=not no_verify,
+        force=force,
+        slices=parse_slices(slices) if slices is not None else None,
     )
     prepare_codecs(quiet)
     with progress_bar(f"Packing {source}", quiet) as (start, advance):
@@ -88,8 +110,8 @@ def command(
         title=f"{result.path}: {result.source} ({result.family or 'dense only'})",
     )
     for key, label in _ROWS:
-        s = result.stats[key]
-        if s["source_bytes"]:
+        s = result.stats.get(key)
+        if s and s["source_bytes"]:
             count = str(s["n_tensors"]) if key != "files" else ""
             t.add_row(
                 label,

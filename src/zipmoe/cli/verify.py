@@ -48,6 +48,8 @@ def command(
         f"{report.n_tensors} tensors ({report.n_parts} parts, {report.n_chunks} chunks, "
         f"{human_bytes(report.decoded_bytes)}) and {report.n_files} files checked {against}"
     )
+    if report.n_slices:
+        summary += f"; {report.n_slices} AMAT slices match the weights quantized again"
     if report.ok:
         stdout.print(f"[green]OK[/green] {escape(str(report.path))}: {summary}")
         return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 MAGIC = b"\x89ZIPMOE\n"  # 8 bytes; the high first byte and the newline catch 7-bit and text-mode transfers
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written for containers without slices
+SLICES_VERSION = 2  # written for containers with AMAT slices
+READABLE_VERSIONS = (1, 2)
 HEADER_NBYTES = 64
 DEFAULT_ALIGNMENT = 4096  # records (dense tensors, expert records, files) start on this boundary
 PART_ALIGNMENT = 64  # parts inside an expert record start on this boundary

@@ -4,7 +4,7 @@ Layout (little-endian)::
 
     offset size field
     0      8    magic            b"\\x89ZIPMOE\\n"
-    8      4    format_version   u32, 1
+    8      4    format_version   u32, 1 (2 when the file holds AMAT slices)
     12     4    alignment        u32, power of two >= 64 (4096 by default)
     16     8    file_nbytes      u64, size of the whole file
     24     8    manifest_offset  u64, multiple of alignment
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from zipmoe.codecs.checksum import checksum
 from zipmoe.errors import ChecksumError, FormatError
-from zipmoe.formats.constants import FORMAT_VERSION, HEADER_NBYTES, MAGIC
+from zipmoe.formats.constants import FORMAT_VERSION, HEADER_NBYTES, MAGIC, READABLE_VERSIONS
 
 _STRUCT = struct.Struct("<8sIIQQQQQ")  # everything but header_xxh64
 assert _STRUCT.size + 8 == HEADER_NBYTES
@@ -67,10 +67,9 @@ class FileHeader:
         magic, version, alignment, recorded_nbytes, m_offset, m_nbytes, m_xxh64, reserved = _STRUCT.unpack_from(data)
         if magic != MAGIC:
             raise FormatError(f"{name}: not a zipmoe container (bad magic {magic!r}, expected {MAGIC!r})")
-        if version != FORMAT_VERSION:
-            raise FormatError(
-                f"{name}: unsupported format version {version} (this zipmoe reads version {FORMAT_VERSION})"
-            )
+        if version not in READABLE_VERSIONS:
+            readable = " and ".join(map(str, READABLE_VERSIONS))
+            raise FormatError(f"{name}: unsupported format version {version} (this zipmoe reads versions {readable})")
         (stored_xxh64,) = struct.unpack_from("<Q", data, _STRUCT.size)
         if checksum(data[: _STRUCT.size]) != stored_xxh64:
             raise ChecksumError(f"{name}: header checksum mismatch (file offset 0..{HEADER_NBYTES - 1})")

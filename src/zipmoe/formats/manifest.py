@@ -14,7 +14,8 @@ from typing import Any
 
 from zipmoe.codecs.parts import Encoding, encoding_from_config
 from zipmoe.errors import FormatError
-from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, FORMAT_VERSION
+from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, FORMAT_VERSION, READABLE_VERSIONS, SLICES_VERSION
+from zipmoe.quant.spec import SLICE_KINDS, SliceSpec
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,28 @@ class ExpertRecord:
 
 
 @dataclass(frozen=True)
+class SliceRecord:
+    """The contiguous MSB or LSB slices of one routed expert: ``members`` (tensor index, part index, blob)."""
+
+    layer: int
+    expert: int
+    kind: str  # "msb" or "lsb"
+    offset: int
+    nbytes: int
+    members: tuple[tuple[int, int, Blob], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "expert": self.expert,
+            "kind": self.kind,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "members": [[t, p, blob.to_json()] for t, p, blob in self.members],
+        }
+
+
+@dataclass(frozen=True)
 class EmbeddedFile:
     """A checkpoint file kept verbatim (config, tokenizer, index)."""
 
@@ -158,11 +181,17 @@ class Manifest:
     tensors: tuple[TensorEntry, ...]
     experts: tuple[ExpertRecord, ...]
     stats: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    slices: SliceSpec | None = None  # AMAT slices of every expert (format version 2)
+    slice_records: tuple[SliceRecord, ...] = ()
+
+    @property
+    def format_version(self) -> int:
+        """The lowest version that can hold this manifest: files without slices stay readable by v1 readers."""
+        return SLICES_VERSION if self.slices is not None else FORMAT_VERSION
 
     def to_json_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, compact separators, UTF-8)."""
-        doc = {
+        doc: dict[str, Any] = {
             "format_version": self.format_version,
             "created_by": self.created_by,
             "source": self.source,
@@ -175,6 +204,8 @@ class Manifest:
             "experts": [e.to_json() for e in self.experts],
             "stats": self.stats,
         }
+        if self.slices is not None:
+            doc["slices"] = {**self.slices.get_config(), "records": [r.to_json() for r in self.slice_records]}
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     def encoding(self, index: int) -> Encoding:
@@ -192,6 +223,13 @@ class Manifest:
         for t in self.tensors:
             for i, p in enumerate(t.parts):
                 yield (f"tensor {t.name!r} part {i}" if t.fused else f"tensor {t.name!r}"), p, t.encoding
+
+    def slice_blobs(self) -> Iterator[tuple[str, Blob]]:
+        """Every stored slice (raw-encoded) with a label for messages."""
+        for r in self.slice_records:
+            for t, p, blob in r.members:
+                tensor = self.tensors[t]
+                yield f"{r.kind.upper()} slice of {tensor.name!r}" + (f" part {p}" if tensor.fused else ""), blob
 
     @classmethod
     def from_json_bytes(cls, data: bytes, name: str) -> Manifest:
@@ -252,8 +290,8 @@ class _Parser:
     def manifest(self, doc: Any) -> Manifest:
         where = "root"
         version = self.get(doc, "format_version", int, where)
-        if version != FORMAT_VERSION:
-            raise self.fail("format_version", f"expected {FORMAT_VERSION}, got {version}")
+        if version not in READABLE_VERSIONS:
+            raise self.fail("format_version", f"expected one of {list(READABLE_VERSIONS)}, got {version}")
         encodings = tuple(self.get(doc, "encodings", list, where))
         for i, config in enumerate(encodings):
             if not isinstance(config, dict):
@@ -284,6 +322,15 @@ class _Parser:
         config = doc.get("config")
         if config is not None and not isinstance(config, dict):
             raise self.fail("config", "expected an object or null")
+        slices, slice_records = None, ()
+        if "slices" in doc:
+            if version < SLICES_VERSION:
+                raise self.fail("slices", f"slices need format version {SLICES_VERSION}, the file says {version}")
+            slices = SliceSpec.from_config(doc["slices"])
+            records = self.get(doc["slices"], "records", list, "slices")
+            slice_records = tuple(self.slice_record(r, f"slices.records[{i}]", tensors) for i, r in enumerate(records))
+        elif version >= SLICES_VERSION:
+            raise self.fail("slices", f"missing: a version {version} file holds slices")
         return Manifest(
             created_by=self.get(doc, "created_by", str, where),
             source=self.get(doc, "source", dict, where),
@@ -295,7 +342,8 @@ class _Parser:
             tensors=tensors,
             experts=experts,
             stats=self.get(doc, "stats", dict, where),
-            format_version=version,
+            slices=slices,
+            slice_records=slice_records,
         )
 
     def tensor(self, t: Any, where: str, n_encodings: int) -> TensorEntry:
@@ -354,22 +402,45 @@ class _Parser:
             tuple(segments),
         )
 
+    def member(self, m: Any, where: str, tensors: tuple[TensorEntry, ...], length: int) -> tuple[int, int]:
+        if (
+            not isinstance(m, list)
+            or len(m) != length
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in m[:2])
+            or not 0 <= m[0] < len(tensors)
+            or not 0 <= m[1] < len(tensors[m[0]].parts)
+        ):
+            shape = "[tensor index, part index]" if length == 2 else "[tensor index, part index, blob]"
+            raise self.fail(where, f"expected {shape}, got {m!r}")
+        return m[0], m[1]
+
     def expert(self, e: Any, where: str, tensors: tuple[TensorEntry, ...]) -> ExpertRecord:
-        members = []
-        for j, m in enumerate(self.get(e, "members", list, where)):
-            if (
-                not isinstance(m, list)
-                or len(m) != 2
-                or any(isinstance(v, bool) or not isinstance(v, int) for v in m)
-                or not 0 <= m[0] < len(tensors)
-                or not 0 <= m[1] < len(tensors[m[0]].parts)
-            ):
-                raise self.fail(f"{where}.members[{j}]", f"expected [tensor index, part index], got {m!r}")
-            members.append((m[0], m[1]))
+        members = [
+            self.member(m, f"{where}.members[{j}]", tensors, 2)
+            for j, m in enumerate(self.get(e, "members", list, where))
+        ]
         return ExpertRecord(
             self.get(e, "layer", int, where),
             self.get(e, "expert", int, where),
             self.get(e, "offset", int, where),
             self.get(e, "nbytes", int, where),
+            tuple(members),
+        )
+
+    def slice_record(self, r: Any, where: str, tensors: tuple[TensorEntry, ...]) -> SliceRecord:
+        kind = self.get(r, "kind", str, where)
+        if kind not in SLICE_KINDS:
+            raise self.fail(f"{where}.kind", f"expected one of {list(SLICE_KINDS)}, got {kind!r}")
+        members = []
+        for j, m in enumerate(self.get(r, "members", list, where)):
+            at = f"{where}.members[{j}]"
+            t, p = self.member(m, at, tensors, 3)
+            members.append((t, p, self.blob(m[2], f"{at}[2]")))
+        return SliceRecord(
+            self.get(r, "layer", int, where),
+            self.get(r, "expert", int, where),
+            kind,
+            self.get(r, "offset", int, where),
+            self.get(r, "nbytes", int, where),
             tuple(members),
         )

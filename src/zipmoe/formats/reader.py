@@ -22,8 +22,9 @@ from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, deco
 from zipmoe.errors import ChecksumError, FormatError
 from zipmoe.formats.constants import CLASS_EXPERT, HEADER_NBYTES, MAX_MANIFEST_NBYTES, PART_ALIGNMENT
 from zipmoe.formats.header import FileHeader
-from zipmoe.formats.manifest import Blob, ExpertRecord, Manifest, TensorEntry
+from zipmoe.formats.manifest import Blob, ExpertRecord, Manifest, SliceRecord, TensorEntry
 from zipmoe.formats.safetensors_file import tensor_nbytes
+from zipmoe.quant.spec import SliceError
 
 # numpy dtypes for viewing decoded bytes; BF16 has none in numpy, so its bit patterns come back as uint16.
 NUMPY_DTYPES = {
@@ -88,9 +89,16 @@ class Container:
                 f"{name}: manifest checksum mismatch (file offset {start}..{start + len(manifest_bytes) - 1})"
             )
         self.manifest = Manifest.from_json_bytes(manifest_bytes, name)
+        if self.manifest.format_version != self.header.format_version:
+            raise FormatError(
+                f"{name}: the header says format version {self.header.format_version}, "
+                f"the manifest {self.manifest.format_version}"
+            )
         self.encodings: list[Encoding] = [self.manifest.encoding(i) for i in range(len(self.manifest.encodings))]
         self.tensors = {t.name: t for t in self.manifest.tensors}
         self.experts = {(e.layer, e.expert): e for e in self.manifest.experts}
+        self.slice_spec = self.manifest.slices
+        self.slice_records = {(r.layer, r.expert, r.kind): r for r in self.manifest.slice_records}
         self._validate(name)
 
     # -- validation -------------------------------------------------------------------------------------------------
@@ -135,6 +143,12 @@ class Container:
                     raise FormatError(f"{name}: {label}: member {tensor.name!r} belongs to another expert")
                 position = part.offset + part.nbytes
                 in_record[(t_index, p_index)] = rec
+        for rec in m.slice_records:
+            self._validate_slice_record(name, rec, check_range, regions)
+        if len(self.slice_records) != len(m.slice_records) or (
+            m.slices is not None and len(self.slice_records) != 2 * len(self.experts)
+        ):
+            raise FormatError(f"{name}: every expert record needs exactly one MSB and one LSB slice record")
         for t_index, t in enumerate(m.tensors):
             encoding = self.encodings[t.encoding]
             expected = tensor_nbytes(t.dtype, t.shape)
@@ -184,6 +198,34 @@ class Container:
                 raise FormatError(f"{name}: {b_label} overlaps {a_label}")
         self.regions = regions
 
+    def _validate_slice_record(self, name: str, rec: SliceRecord, check_range, regions: list) -> None:
+        label = f"{rec.kind.upper()} slice record (layer {rec.layer}, expert {rec.expert})"
+        check_range(label, rec.offset, rec.nbytes, self.header.alignment)
+        regions.append((rec.offset, rec.offset + rec.nbytes, label))
+        expert = self.experts.get((rec.layer, rec.expert))
+        members = [(t, p) for t, p, _ in rec.members]
+        if expert is None or sorted(members) != sorted(expert.members) or len(set(members)) != len(members):
+            raise FormatError(f"{name}: {label}: its members are not those of an expert record")
+        position = rec.offset
+        for t_index, _, blob in rec.members:
+            tensor = self.manifest.tensors[t_index]
+            try:
+                rows, cols = self.slice_spec.check_shape(
+                    tensor.name, tensor.shape[1:] if tensor.fused else tensor.shape
+                )
+            except SliceError as exc:
+                raise FormatError(f"{name}: {label}: {exc}") from None
+            expected = self.slice_spec.slice_nbytes(rec.kind, rows, cols)
+            if blob.size != expected:
+                raise FormatError(f"{name}: {label}: {tensor.name!r} holds {blob.size} bytes, expected {expected}")
+            if (
+                blob.offset < position
+                or blob.offset % PART_ALIGNMENT
+                or blob.offset + blob.nbytes > rec.offset + rec.nbytes
+            ):
+                raise FormatError(f"{name}: {label}: member {tensor.name!r} lies outside the record or out of order")
+            position = blob.offset + blob.nbytes
+
     # -- access -----------------------------------------------------------------------------------------------------
 
     @cached_property
@@ -221,6 +263,8 @@ class Container:
         for label, blob, encoding in self.manifest.blobs():
             index = self.raw_encoding_index if encoding is None else encoding
             yield label, self.blob_view(blob, self.encodings[index])
+        for label, blob in self.manifest.slice_blobs():
+            yield label, self.blob_view(blob, self.encodings[self.raw_encoding_index])
 
     def tensor(self, name: str) -> TensorEntry:
         try:
@@ -281,6 +325,27 @@ class Container:
             raise type(exc)(f"{self.path}: {label}: {exc}") from None
         return out
 
+    def read_slices(
+        self, layer: int, expert: int, kind: str, *, check: bool = True
+    ) -> list[tuple[TensorEntry, int, np.ndarray]]:
+        """The slice payloads of one expert, ``(tensor, part, payload bytes)`` per member, read with one read."""
+        record = self.slice_records.get((layer, expert, kind))
+        if record is None:
+            raise FormatError(f"{self.path}: no {kind.upper()} slice record for layer {layer}, expert {expert}")
+        buf = np.array(self.data[record.offset : record.offset + record.nbytes])
+        out = []
+        for t_index, p_index, blob in record.members:
+            tensor = self.manifest.tensors[t_index]
+            payload = np.empty(blob.size, np.uint8)
+            label = f"{kind.upper()} slice of {tensor.name!r}" + (f" part {p_index}" if tensor.fused else "")
+            try:
+                decode_part(buf, self.blob_view(blob, self.encodings[self.raw_encoding_index], record.offset), payload,
+                            Workers(1), check=check)  # fmt: skip
+            except FormatError as exc:
+                raise type(exc)(f"{self.path}: {label}: {exc}") from None
+            out.append((tensor, p_index, payload))
+        return out
+
     @cached_property
     def raw_encoding_index(self) -> int:
         for i, config in enumerate(self.manifest.encodings):
@@ -299,7 +364,8 @@ class Container:
         """Byte ranges that no stored blob covers (alignment padding); in a valid file they are all zero."""
         ranges = []
         position = HEADER_NBYTES
-        for start, end in sorted((b.offset, b.offset + b.nbytes) for _, b, _ in self.manifest.blobs()):
+        blobs = [b for _, b, _ in self.manifest.blobs()] + [b for _, b in self.manifest.slice_blobs()]
+        for start, end in sorted((b.offset, b.offset + b.nbytes) for b in blobs):
             if start > position:
                 ranges.append((position, start))
             position = max(position, end)

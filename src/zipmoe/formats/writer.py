@@ -26,7 +26,7 @@ from zipmoe.formats.manifest import Manifest
 
 class WriterState(enum.Enum):
     DATA = "data"  # writing records
-    RECORD = "record"  # inside an expert record
+    RECORD = "record"  # inside an expert or slice record
     FINISHED = "finished"
     ABORTED = "aborted"
 
@@ -99,23 +99,23 @@ class ContainerWriter:
         self._write(data)
         return offset
 
-    def begin_expert(self) -> None:
-        """Start an expert record: the parts written until `end_expert` are contiguous."""
+    def begin_record(self) -> None:
+        """Start an expert or slice record: the parts written until `end_record` are contiguous."""
         self._expect(WriterState.DATA)
         self._pad_to(self.alignment)
         self._record_start = self._position
         self.state = WriterState.RECORD
 
     def write_part(self, data: np.ndarray) -> int:
-        """Write one part of the current expert record; return its offset."""
+        """Write one part of the current record; return its offset."""
         self._expect(WriterState.RECORD)
         self._pad_to(PART_ALIGNMENT)
         offset = self._position
         self._write(data)
         return offset
 
-    def end_expert(self) -> tuple[int, int]:
-        """Close the expert record; return its (offset, nbytes)."""
+    def end_record(self) -> tuple[int, int]:
+        """Close the current record; return its (offset, nbytes)."""
         self._expect(WriterState.RECORD)
         self.state = WriterState.DATA
         return self._record_start, self._position - self._record_start
@@ -138,6 +138,7 @@ class ContainerWriter:
             manifest_offset=manifest_offset,
             manifest_nbytes=len(manifest_bytes),
             manifest_xxh64=checksum(manifest_bytes),
+            format_version=manifest.format_version,
         )
         try:
             self._drain()

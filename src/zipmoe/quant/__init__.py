@@ -1,0 +1,1 @@
+"""AMAT quantization: MSB/LSB slices of expert weights (SliceMoE)."""
