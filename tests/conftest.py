@@ -144,3 +144,25 @@ def bf16_bytes(shape: tuple[int, ...], seed: int = 0, std: float = 0.02) -> byte
     rng = np.random.default_rng(seed)
     f32 = (rng.standard_normal(int(np.prod(shape))) * std).astype(np.float32).view(np.uint32)
     return ((f32 + 0x7FFF + ((f32 >> 16) & 1)) >> 16).astype("<u2").tobytes()
+
+
+def rewrite_manifest(path: Path, mutate) -> None:
+    """Apply ``mutate`` to a container's manifest JSON and write it back with valid checksums."""
+    from zipmoe.codecs.checksum import checksum
+    from zipmoe.formats.constants import HEADER_NBYTES
+    from zipmoe.formats.header import FileHeader
+
+    data = bytearray(path.read_bytes())
+    header = FileHeader.unpack(bytes(data[:HEADER_NBYTES]), len(data), str(path))
+    doc = json.loads(data[header.manifest_offset :])
+    mutate(doc)
+    manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    new_header = FileHeader(
+        header.alignment,
+        header.manifest_offset + len(manifest),
+        header.manifest_offset,
+        len(manifest),
+        checksum(manifest),
+        header.format_version,
+    )
+    path.write_bytes(new_header.pack() + bytes(data[HEADER_NBYTES : header.manifest_offset]) + manifest)

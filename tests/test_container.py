@@ -5,11 +5,9 @@ import struct
 
 import pytest
 
-from conftest import copy_of
-from zipmoe.codecs.checksum import checksum
+from conftest import copy_of, rewrite_manifest
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
-from zipmoe.formats.constants import DEFAULT_ALIGNMENT, HEADER_NBYTES, MAGIC, PART_ALIGNMENT
-from zipmoe.formats.header import FileHeader
+from zipmoe.formats.constants import DEFAULT_ALIGNMENT, MAGIC, PART_ALIGNMENT
 from zipmoe.formats.reader import Container, as_array
 from zipmoe.formats.safetensors_file import read_safetensors_header
 from zipmoe.pack import PackOptions, pack
@@ -88,23 +86,6 @@ def test_output_is_deterministic(packed, tmp_path):
 
 
 # -- damaged files ---------------------------------------------------------------------------------------------------
-
-
-def rewrite_manifest(path, mutate):
-    """Apply ``mutate`` to the manifest JSON and write it back with valid checksums."""
-    data = bytearray(path.read_bytes())
-    header = FileHeader.unpack(bytes(data[:HEADER_NBYTES]), len(data), str(path))
-    doc = json.loads(data[header.manifest_offset :])
-    mutate(doc)
-    manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    new_header = FileHeader(
-        header.alignment,
-        header.manifest_offset + len(manifest),
-        header.manifest_offset,
-        len(manifest),
-        checksum(manifest),
-    )
-    path.write_bytes(new_header.pack() + bytes(data[HEADER_NBYTES : header.manifest_offset]) + manifest)
 
 
 @pytest.fixture

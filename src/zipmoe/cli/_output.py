@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -58,19 +59,18 @@ def table(*columns: str, title: str | None = None) -> Table:
 
 
 @contextmanager
-def progress_bar(description: str, quiet: bool) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """Yields ``(start(total_bytes), advance(n_bytes))`` callbacks that drive a rich progress bar on stderr."""
+def progress_bar(
+    description: str, quiet: bool, unit: str = "bytes"
+) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """Yields ``(start(total), advance(n))`` callbacks that drive a rich progress bar on stderr.
+
+    ``unit`` is ``bytes`` (sizes and speed shown) or the name of what is counted (shown as ``3/10 windows``).
+    """
     if quiet or not stderr.is_terminal:
         yield (lambda total: None), (lambda n: None)
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    counted = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(), TextColumn(unit))
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *counted, TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(escape(description), total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))

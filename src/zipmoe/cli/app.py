@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from zipmoe import __version__
-from zipmoe.cli import bench, demo, inspect, pack, run, unpack, verify
+from zipmoe.cli import bench, demo, evaluate, inspect, pack, run, unpack, verify
 from zipmoe.cli._output import stderr
 from zipmoe.errors import ZipmoeError
 
@@ -41,6 +41,7 @@ def _root(
 for module in (pack, verify, inspect, unpack, run, demo):
     app.command(module.NAME, epilog=module.EPILOG)(module.command)
 app.add_typer(bench.app, name="bench")
+app.add_typer(evaluate.app, name="eval")
 
 
 def main(argv: list[str] | None = None) -> None:

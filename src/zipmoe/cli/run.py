@@ -11,6 +11,7 @@ import typer
 from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table
 from zipmoe.errors import ZipmoeError
+from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD
 
 NAME = "run"
 EPILOG = """Examples:
@@ -20,6 +21,8 @@ EPILOG = """Examples:
   zipmoe run qwen-moe.zmoe "Write a haiku about caches" --chat --memory-budget 8GiB --temperature 0.7 --seed 1
 
   zipmoe run model.zmoe "Hello" --memory-budget 50% --simulate-storage 1.25     # phone-flash speed, simulated
+
+  zipmoe run sliced.zmoe "def fib(n):" --mode dbsc --memory-budget 25%          # packed with --slices 8:4
 
 The generated text goes to stdout as it is produced; the statistics table goes to stderr.
 """
@@ -63,6 +66,32 @@ def command(
             "--simulate-storage", help="Simulate storage of this bandwidth in GB/s (e.g. 3.5 NVMe, 1.25 phone flash)."
         ),
     ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="lossless (BF16 experts), or from AMAT slices (pack --slices 8:4): q8, q4, or dbsc (the top expert "
+            "of a confident token at 8 bits, the others at 4).",
+        ),
+    ] = "lossless",
+    critical_threshold: Annotated[
+        float,
+        typer.Option(
+            "--critical-threshold",
+            min=0.0,
+            max=1.0,
+            help="dbsc: a token's top expert runs at high precision when it holds at least this share of the "
+            "token's top-k routing weight.",
+        ),
+    ] = DEFAULT_THRESHOLD,
+    warmup: Annotated[
+        str,
+        typer.Option(
+            "--warmup",
+            help="Slice modes: pcw keeps the slices the prompt used most when decoding starts; none keeps what "
+            "LRU left; empty starts decoding with an empty cache.",
+        ),
+    ] = "pcw",
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
@@ -75,13 +104,16 @@ def command(
     """Generate text from a container, holding only part of its experts in memory."""
     from zipmoe.runtime.engine import Engine, EngineOptions, expert_bytes_summary
     from zipmoe.runtime.generate import SamplingOptions
+    from zipmoe.runtime.slice_cache import SliceStats
 
     if not prompt.strip():
         raise ZipmoeError("the prompt is empty")
     if not Path(container).is_file():
         raise ZipmoeError(f"{container}: no such file")
     prepare_codecs(quiet=json_output)
-    options = EngineOptions(device, dtype, memory_budget, decoded_fraction, threads, simulate_storage)
+    options = EngineOptions(
+        device, dtype, memory_budget, decoded_fraction, threads, simulate_storage, mode, critical_threshold, warmup
+    )
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos)
     with Engine(container, options) as engine:
         on_text = None if json_output else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -109,11 +141,22 @@ def command(
     t.add_row("time to first token", f"{result.ttft * 1000:.0f} ms")
     t.add_row("time per output token", f"{result.tpot * 1000:.1f} ms" if result.step_seconds else "-")
     t.add_row("tokens/s", f"{result.tokens_per_second:.2f}" if result.step_seconds else "-")
-    for tier, label in (("decoded", "experts served decoded (cache)"), ("compressed", "experts served compressed (cache)"),
-                        ("storage", "experts read from storage")):  # fmt: skip
-        t.add_row(label, f"{stats.hits[tier]} ({percent(stats.hit_rate(tier))})")
+    t.add_row("mode", doc["model"]["mode"])
+    if isinstance(stats, SliceStats):
+        for kind in ("msb", "lsb"):
+            hits, misses = stats.hits[kind], stats.misses[kind]
+            t.add_row(
+                f"{kind.upper()} slices: hits / misses", f"{hits} / {misses} ({percent(stats.miss_rate(kind))} miss)"
+            )
+        t.add_row("expert runs: high / low precision", f"{stats.computed['high']} / {stats.computed['low']}")
+        if mode == "dbsc":
+            t.add_row("tokens with a critical expert", percent(doc["cache"]["critical_fraction"]))
+    else:
+        for tier, label in (("decoded", "experts served decoded (cache)"),
+                            ("compressed", "experts served compressed (cache)"), ("storage", "experts read from storage")):  # fmt: skip
+            t.add_row(label, f"{stats.hits[tier]} ({percent(stats.hit_rate(tier))})")
+        t.add_row("bytes decoded", human_bytes(stats.bytes_decoded))
     t.add_row("bytes read from storage", human_bytes(stats.bytes_read))
-    t.add_row("bytes decoded", human_bytes(stats.bytes_decoded))
     t.add_row(
         "expert memory (peak / budget)", f"{human_bytes(stats.peak_bytes)} / {human_bytes(doc['memory_budget_bytes'])}"
     )

@@ -195,6 +195,9 @@ class ExpertCache:
     def _note_peak(self) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used[DECODED] + self.used[COMPRESSED] + self.reserved)
 
+    def on_phase(self, phase: str) -> None:
+        pass
+
     @property
     def bytes_in_use(self) -> int:
         return self.used[DECODED] + self.used[COMPRESSED]

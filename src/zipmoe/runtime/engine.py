@@ -13,10 +13,13 @@ from zipmoe._threads import available_cpus
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.constants import CLASS_DENSE
 from zipmoe.formats.reader import Container
+from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.cache import BudgetError, ExpertCache, minimum_budget
 from zipmoe.runtime.config import ModelArgs
 from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
+from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD, SliceCache, minimum_slice_budget
+from zipmoe.runtime.slices import SliceStore, base_transform
 from zipmoe.runtime.store import ExpertStore, StorageThrottle
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
 from zipmoe.runtime.weights import to_tensor
@@ -31,6 +34,36 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k
 
 class DeviceError(ZipmoeError, ValueError):
     """The requested device or dtype cannot be used here."""
+
+
+class ModeError(ZipmoeError, ValueError):
+    """A run mode this container cannot serve."""
+
+
+def available_modes(spec: SliceSpec | None) -> list[str]:
+    """The ``--mode`` values a container offers: ``lossless``, and with MAT(8,4) slices ``q8 q4 dbsc``."""
+    if spec is None:
+        return ["lossless"]
+    return ["lossless", f"q{spec.high_bits}", f"q{spec.low_bits}", "dbsc"]
+
+
+def resolve_mode(mode: str, spec: SliceSpec | None) -> tuple[str, int | None]:
+    """What serves ``mode``: ``("lossless", None)``, a `SliceCache` mode (``high``, ``low``, ``trunc``, ``dbsc``)
+    with None, or ``("lossless", bits)`` for the Base baseline ``qN-base`` (BF16 experts quantized on their own).
+
+    ``qN-trunc`` (naive truncation of the MSB slice) and ``qN-base`` exist for `zipmoe eval`'s comparisons.
+    """
+    base = re.fullmatch(r"q([1-8])-base", mode)
+    if mode == "lossless" or base:
+        return "lossless", int(base[1]) if base else None
+    offered = available_modes(spec)
+    if spec is None:
+        raise ModeError(f"--mode {mode}: this container holds no AMAT slices (pack it with --slices 8:4)")
+    names = {"dbsc": "dbsc", f"q{spec.high_bits}": "high", f"q{spec.low_bits}": "low",
+             f"q{spec.low_bits}-trunc": "trunc"}  # fmt: skip
+    if mode not in names:
+        raise ModeError(f"unknown mode {mode!r} for {spec.label} slices (choose {', '.join(offered)})")
+    return names[mode], None
 
 
 def parse_size(text: str, *, percent_of: int | None = None) -> int:
@@ -99,6 +132,10 @@ class EngineOptions:
             it without a budget, else `DEFAULT_DECODED_FRACTION`.
         threads: compute and fetch threads (default: every available CPU).
         simulate_storage_gbps: simulated storage bandwidth in GB/s (see `zipmoe.runtime.store`).
+        mode: ``lossless`` (BF16 experts), or from AMAT slices ``q8``/``q4`` (MAT(8,4)) or ``dbsc``; see
+            `resolve_mode`.
+        critical_threshold: dbsc: the top expert's share of its token's routing weight that makes it critical.
+        warmup: slice modes: ``pcw``, ``none`` or ``empty`` (see `zipmoe.runtime.slice_cache`).
     """
 
     device: str = "auto"
@@ -107,6 +144,9 @@ class EngineOptions:
     decoded_fraction: float | None = None
     threads: int | None = None
     simulate_storage_gbps: float | None = None
+    mode: str = "lossless"
+    critical_threshold: float = DEFAULT_THRESHOLD
+    warmup: str = "pcw"
 
 
 class Engine:
@@ -125,13 +165,35 @@ class Engine:
             if options.simulate_storage_gbps <= 0:
                 raise BudgetError("--simulate-storage must be a positive bandwidth in GB/s")
             throttle = StorageThrottle(options.simulate_storage_gbps * 1e9)
-        self.store = ExpertStore(self.container, self.args, self.device, self.dtype, throttle, self.threads)
+        spec = self.container.slice_spec
+        self.slice_mode, base_bits = resolve_mode(options.mode, spec)
+        self.mode = options.mode
+        self.store: ExpertStore | SliceStore
+        self.cache: ExpertCache | SliceCache
+        if self.slice_mode == "lossless":
+            group = spec.group_size if spec else DEFAULT_GROUP_SIZE
+            transform = base_transform(self.args, base_bits, group, self.threads) if base_bits else None
+            self.store = ExpertStore(
+                self.container, self.args, self.device, self.dtype, throttle, self.threads, transform
+            )
+        else:
+            self.store = SliceStore(self.container, self.args, self.device, self.dtype, throttle, self.threads)
         self.expert_bf16_bytes = self.store.source_nbytes * len(self.container.experts)
         self.budget = self._budget(options.memory_budget)
-        fraction = options.decoded_fraction
-        if fraction is None:
-            fraction = 1.0 if options.memory_budget is None else DEFAULT_DECODED_FRACTION
-        self.cache = ExpertCache(self.store, self.budget, decoded_fraction=fraction, threads=self.threads)
+        if isinstance(self.store, SliceStore):
+            self.cache = SliceCache(
+                self.store,
+                self.budget,
+                mode=self.slice_mode,
+                threshold=options.critical_threshold,
+                warmup=options.warmup,
+                threads=self.threads,
+            )
+        else:
+            fraction = options.decoded_fraction
+            if fraction is None:
+                fraction = 1.0 if options.memory_budget is None else DEFAULT_DECODED_FRACTION
+            self.cache = ExpertCache(self.store, self.budget, decoded_fraction=fraction, threads=self.threads)
         self.dense = self._load_dense()
         self.model = Transformer(self.args, self.dense, self.cache)
         self._tokenizer: TextTokenizer | None = None
@@ -141,12 +203,17 @@ class Engine:
             return requested
         if requested is not None:
             return parse_size(requested, percent_of=self.expert_bf16_bytes)
-        everything = len(self.container.experts) * (self.store.decoded_nbytes + self.store.record_nbytes)
+        if isinstance(self.store, SliceStore):
+            everything = sum(r.nbytes for r in self.container.manifest.slice_records)
+        else:
+            everything = len(self.container.experts) * (self.store.decoded_nbytes + self.store.record_nbytes)
         cap = available_memory() // 2
         reserve = self.cache_minimum()
         return max(reserve, min(everything + reserve, cap) if cap else everything + reserve)
 
     def cache_minimum(self) -> int:
+        if isinstance(self.store, SliceStore):
+            return minimum_slice_budget(self.store, self.args.top_k)
         return minimum_budget(self.store, self.args.top_k)
 
     def _load_dense(self) -> dict[str, torch.Tensor]:
@@ -221,11 +288,13 @@ class Engine:
 
 
 def expert_bytes_summary(engine: Engine) -> dict[str, Any]:
-    """Sizes that explain a budget: one expert BF16/decoded/record, all experts BF16."""
+    """Sizes that explain a budget: one expert BF16/decoded/record (or MSB and LSB records), all experts BF16."""
+    record = engine.store.record_nbytes
     return {
+        "mode": engine.mode,
         "expert_bf16_bytes": engine.store.source_nbytes,
         "expert_decoded_bytes": engine.store.decoded_nbytes,
-        "expert_record_bytes": engine.store.record_nbytes,
+        "expert_record_bytes": dict(record) if isinstance(record, dict) else record,
         "all_experts_bf16_bytes": engine.expert_bf16_bytes,
         "n_experts": len(engine.container.experts),
         "dtype": str(engine.dtype).removeprefix("torch."),

@@ -70,7 +70,9 @@ def generate(
     cache = model.new_cache(len(prompt) + options.max_new_tokens)
     result = GenerationResult(prompt_tokens=len(prompt))
     start = time.perf_counter()
+    model.experts.on_phase("prefill")
     logits = model.forward(torch.tensor(prompt, device=model.device), 0, cache)
+    model.experts.on_phase("decode")
     position = len(prompt)
     for step in range(options.max_new_tokens):
         token = sample(logits.cpu(), options, generator)

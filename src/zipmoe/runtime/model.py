@@ -45,6 +45,10 @@ class ExpertBackend(Protocol):
         """Sum over each token's K experts of weight * expert(x); x [T, H], top_index/top_weight [T, K] -> [T, H]."""
         ...
 
+    def on_phase(self, phase: str) -> None:
+        """Told by the generation loop when the ``prefill`` and when the ``decode`` phase starts."""
+        ...
+
 
 def expert_assignments(top_index: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """(expert, token positions, slot in the top-k) for every expert some token chose, in increasing expert order."""
@@ -80,6 +84,9 @@ class InMemoryExperts:
 
     def __init__(self, experts: Mapping[tuple[int, int], ExpertWeights]) -> None:
         self.experts = experts
+
+    def on_phase(self, phase: str) -> None:
+        pass
 
     def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         outputs = {

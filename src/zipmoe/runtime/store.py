@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -46,6 +47,47 @@ class StorageThrottle:
             time.sleep(delay)
 
 
+class RecordReader:
+    """Positioned reads of whole records from a container, into pinned memory when the compute device is a GPU.
+
+    Args:
+        container: an open container.
+        device: where the data goes in the end (pinned host buffers for a GPU).
+        throttle: simulated storage bandwidth, if any.
+    """
+
+    def __init__(self, container: Container, device: torch.device, throttle: StorageThrottle | None) -> None:
+        self.container = container
+        self.device = device
+        self.throttle = throttle
+        self._fd = os.open(container.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # reads are random: no readahead into the neighbouring records
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """Host memory for ``nbytes``: pinned when experts go to a GPU, so copies to it run asynchronously."""
+        if self.device.type == "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        return np.empty(nbytes, np.uint8)
+
+    def _read_into(self, buf: np.ndarray, start: int, stop: int, offset: int) -> None:
+        """Read bytes ``start..stop`` of the record at file ``offset`` into the same bytes of ``buf``."""
+        view = memoryview(buf)[start:stop]
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(self._fd, [view[done:]], offset + start + done)
+            if n == 0:
+                raise FormatError(f"{self.container.path}: record at {offset} ends early")
+            done += n
+        if self.throttle is not None:
+            self.throttle.transfer(view.nbytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 @dataclass(frozen=True)
 class _Member:
     name: str
@@ -54,7 +96,7 @@ class _Member:
     view: PartView  # relative to the start of the record
 
 
-class ExpertStore:
+class ExpertStore(RecordReader):
     """Reads and decodes the expert records of a container.
 
     Args:
@@ -63,6 +105,7 @@ class ExpertStore:
         device, dtype: where and in which dtype decoded experts are placed.
         throttle: simulated storage bandwidth, if any.
         threads: decoder threads.
+        transform: applied to every expert's weights once decoded (the eval's Base quantization baseline).
     """
 
     def __init__(
@@ -73,13 +116,12 @@ class ExpertStore:
         dtype: torch.dtype,
         throttle: StorageThrottle | None = None,
         threads: int = 1,
+        transform: Callable[[ExpertWeights], ExpertWeights] | None = None,
     ) -> None:
-        self.container = container
+        super().__init__(container, device, throttle)
         self.args = args
-        self.device = device
         self.dtype = dtype
-        self.throttle = throttle
-        self._fd = os.open(container.path, os.O_RDONLY)
+        self.transform = transform
         self._records = {}
         for (layer, expert), record in container.experts.items():
             members = []
@@ -102,23 +144,6 @@ class ExpertStore:
         self.widen = dtype == torch.float32 and device.type == "cpu"
         self._decoder = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-decode")
         self._part_workers = Workers(threads)  # and each part's chunks on every thread
-
-    def _buffer(self, nbytes: int) -> np.ndarray:
-        """Host memory for ``nbytes``: pinned when experts go to a GPU, so copies to it run asynchronously."""
-        if self.device.type == "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
-        return np.empty(nbytes, np.uint8)
-
-    def _read_into(self, buf: np.ndarray, start: int, stop: int, offset: int) -> None:
-        view = memoryview(buf)[start:stop]
-        done = 0
-        while done < view.nbytes:
-            n = os.preadv(self._fd, [view[done:]], offset + start + done)
-            if n == 0:
-                raise FormatError(f"{self.container.path}: expert record at {offset} ends early")
-            done += n
-        if self.throttle is not None:
-            self.throttle.transfer(view.nbytes)
 
     def fetch(self, key: tuple[int, int], record: np.ndarray | None = None) -> tuple[ExpertWeights, np.ndarray]:
         """The compute-ready weights of one expert, and its record bytes (checksums verified).
@@ -155,10 +180,9 @@ class ExpertStore:
         except FormatError as exc:
             raise type(exc)(f"{self.container.path}: {exc}") from None
         tensors = [(m.name, to_tensor(out, "F32" if widen else m.dtype, m.shape)) for m, out in zip(members, outs)]
-        return assemble_expert(tensors, self.args, self.device, self.dtype), record
+        weights = assemble_expert(tensors, self.args, self.device, self.dtype)
+        return (self.transform(weights) if self.transform else weights), record
 
     def close(self) -> None:
         self._decoder.shutdown(wait=True)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        super().close()

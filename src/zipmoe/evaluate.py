@@ -1,0 +1,129 @@
+"""`eval ppl`: perplexity of a container's model on a text, served in each precision mode.
+
+The text is tokenized with the container's tokenizer and cut into consecutive windows of ``context`` tokens; each
+window is one forward pass (teacher forcing) and every token after the first of a window is scored. Perplexity is
+``exp(mean negative log-likelihood)`` over all scored tokens. Every mode runs through the same `Engine` as `zipmoe
+run`, so the numbers describe what serving would compute.
+
+Modes (for MAT(8,4) slices): ``lossless`` (BF16), ``q8`` (AMAT high bits, both slices), ``q4`` (AMAT low bits, the
+MSB slice alone), ``dbsc`` (per token: the critical expert at 8 bits, the others at 4), and two baselines that are
+not stored: ``q4-base`` (the BF16 experts quantized to 4 bits on their own) and ``q4-trunc`` (the MSB slice with the
+8-bit zero-point kept: naive truncation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zipmoe.errors import ZipmoeError
+from zipmoe.formats.reader import Container
+from zipmoe.runtime.engine import Engine, EngineOptions, available_modes
+
+DEFAULT_CONTEXT = 512
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity of one mode."""
+
+    mode: str
+    tokens: int  # scored tokens
+    nll: float  # mean negative log-likelihood, nats per token
+    seconds: float
+    stats: dict[str, Any]  # the cache's statistics
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "perplexity": self.perplexity,
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "cache": self.stats,
+        }
+
+
+def table1_modes(path: str | Path) -> list[str]:
+    """Every mode a container offers plus the low-bit baselines: SliceMoE's Table 1 for this model."""
+    with Container(path) as c:
+        spec = c.slice_spec
+    modes = available_modes(spec)
+    if spec is not None:
+        modes += [f"q{spec.low_bits}-base", f"q{spec.low_bits}-trunc"]
+    return modes
+
+
+def windows(token_ids: list[int], context: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Consecutive windows of at most ``context + 1`` ids that overlap by one (the last input is the next target)."""
+    if max_tokens is not None:
+        token_ids = token_ids[: max_tokens + 1]
+    return [token_ids[i : i + context + 1] for i in range(0, len(token_ids) - 1, context)]
+
+
+def perplexity(
+    path: str | Path,
+    text: str,
+    modes: list[str],
+    *,
+    context: int = DEFAULT_CONTEXT,
+    max_tokens: int | None = None,
+    options: EngineOptions | None = None,
+    progress_start: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[PerplexityResult]:
+    """Perplexity of the container's model on ``text`` in each of ``modes``.
+
+    Args:
+        path: the container.
+        text: the evaluation text.
+        modes: run modes (`zipmoe.runtime.engine.resolve_mode`).
+        context: tokens per forward pass.
+        max_tokens: score at most this many tokens.
+        options: engine options (device, budget, threshold, ...); the mode is set per run.
+        progress_start: called once with the number of windows to run over all modes.
+        progress: called after each window.
+
+    Raises:
+        ZipmoeError: the text has fewer than two tokens; a mode the container cannot serve.
+    """
+    options = options or EngineOptions()
+    results = []
+    batches: list[list[int]] | None = None
+    for mode in modes:
+        with Engine(path, replace(options, mode=mode)) as engine:
+            if batches is None:
+                ids = engine.tokenizer.encode(text)
+                batches = [w for w in windows(ids, context, max_tokens) if len(w) > 1]
+                if not batches:
+                    raise ZipmoeError("the evaluation text has fewer than two tokens")
+                if progress_start:
+                    progress_start(len(batches) * len(modes))
+            results.append(_score(engine, mode, batches, progress))
+    return results
+
+
+def _score(engine: Engine, mode: str, batches: list[list[int]], progress: Callable[[int], None] | None):
+    started = time.perf_counter()
+    total, count = 0.0, 0
+    engine.model.experts.on_phase("prefill")
+    for ids in batches:
+        tokens = torch.tensor(ids, device=engine.device)
+        cache = engine.model.new_cache(len(ids) - 1)
+        logits = engine.model.forward(tokens[:-1], 0, cache, all_logits=True)  # [T, V] float32
+        total += float(F.cross_entropy(logits, tokens[1:], reduction="sum"))
+        count += len(ids) - 1
+        if progress:
+            progress(1)
+    return PerplexityResult(mode, count, total / count, time.perf_counter() - started, engine.cache.stats.to_json())
