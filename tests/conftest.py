@@ -166,3 +166,13 @@ def rewrite_manifest(path: Path, mutate) -> None:
         header.format_version,
     )
     path.write_bytes(new_header.pack() + bytes(data[HEADER_NBYTES : header.manifest_offset]) + manifest)
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run ``zipmoe ARGS`` in-process: (exit status, stdout, stderr)."""
+    from zipmoe.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err

@@ -4,16 +4,8 @@ import json
 
 import pytest
 
-from conftest import copy_of
-from zipmoe.cli.app import main
+from conftest import copy_of, run_cli
 from zipmoe.formats.reader import Container
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def assert_one_line_error(code, err, *fragments):
@@ -26,14 +18,14 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def test_version(capsys):
-    code, out, _ = run(capsys, "--version")
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.startswith("zipmoe ")
 
 
 def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
     source = checkpoints.demo("tiny")
     out = tmp_path / "m.zmoe"
-    code, stdout, _ = run(capsys, "pack", str(source), "-o", str(out), "--json")
+    code, stdout, _ = run_cli(capsys, "pack", str(source), "-o", str(out), "--json")
     assert code == 0
     doc = json.loads(stdout)
     assert (
@@ -42,21 +34,21 @@ def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
         and 0.6 < doc["classes"]["expert"]["stored_bytes"] / doc["classes"]["expert"]["source_bytes"] < 0.7
     )
 
-    code, stdout, _ = run(capsys, "verify", str(out), "--source", str(source))
+    code, stdout, _ = run_cli(capsys, "verify", str(out), "--source", str(source))
     assert code == 0 and stdout.startswith("OK ")
 
-    code, stdout, _ = run(capsys, "inspect", str(out), "--json", "--tensors")
+    code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json", "--tensors")
     doc = json.loads(stdout)
     assert code == 0 and doc["n_expert_records"] == 8 and len(doc["tensors"]) == doc["n_tensors"]
     expert = next(s for s in doc["sections"] if s["name"] == "expert tensors (BF16)")
     assert expert["entropy_bound"] < expert["ratio"] < expert["entropy_bound"] + 0.01
 
-    code, stdout, _ = run(capsys, "inspect", str(out))
+    code, stdout, _ = run_cli(capsys, "inspect", str(out))
     assert code == 0 and "expert tensors (BF16)" in stdout and "bound (8+H)/16" in stdout
 
-    code, stdout, _ = run(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
+    code, stdout, _ = run_cli(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
     assert code == 0 and "SHA-256 equal" in stdout
-    code, _, err = run(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
+    code, _, err = run_cli(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
     assert_one_line_error(code, err, "exists (use --force to overwrite)")
 
 
@@ -76,7 +68,7 @@ def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
 def test_bad_input(capsys, checkpoints, tmp_path, args, fragments):
     tiny = checkpoints.demo("tiny")
     args = [a.format(tmp=tmp_path, tiny=tiny) for a in args]
-    code, _, err = run(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, *fragments)
 
 
@@ -88,12 +80,12 @@ def test_verify_reports_corruption_and_exits_1(capsys, checkpoints, tmp_path):
     data = bytearray(packed.read_bytes())
     data[offset] ^= 0x20
     packed.write_bytes(bytes(data))
-    code, stdout, err = run(capsys, "verify", str(packed))
+    code, stdout, err = run_cli(capsys, "verify", str(packed))
     assert code == 1
     assert f"FAIL tensor {tensor.name!r}: chunk 0 exponent payload: checksum mismatch" in stdout
     assert "1 problem(s) found" in err and "Traceback" not in err
 
-    code, _, err = run(capsys, "unpack", str(packed), "-o", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "unpack", str(packed), "-o", str(tmp_path / "out"))
     assert_one_line_error(code, err, tensor.name, "checksum mismatch", "file offset")
 
 
@@ -101,15 +93,15 @@ def test_truncated_and_wrong_magic(capsys, checkpoints, tmp_path):
     packed = copy_of(checkpoints.packed(checkpoints.demo("tiny")), tmp_path)
     data = packed.read_bytes()
     packed.write_bytes(data[: len(data) // 2])
-    code, _, err = run(capsys, "verify", str(packed))
+    code, _, err = run_cli(capsys, "verify", str(packed))
     assert_one_line_error(code, err, "truncated", f"the file is {len(data) // 2} bytes, its header says {len(data)}")
     packed.write_bytes(b"GGUF" + data[4:])
-    code, _, err = run(capsys, "inspect", str(packed))
+    code, _, err = run_cli(capsys, "inspect", str(packed))
     assert_one_line_error(code, err, "not a zipmoe container (bad magic")
 
 
 def test_bench_codecs_json(capsys, checkpoints):
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys, "bench", "codecs", str(checkpoints.demo("tiny")), "--coders", "rans,zstd:1",
         "--chunk-values", "4096,16384", "--repeat", "1", "--threads", "2", "--json", "--quiet",
     )  # fmt: skip
@@ -124,13 +116,13 @@ def test_bench_codecs_json(capsys, checkpoints):
 
 
 def test_bench_pack_json(capsys, checkpoints):
-    code, stdout, _ = run(capsys, "bench", "pack", str(checkpoints.demo("tiny")), "--repeat", "1", "--json")
+    code, stdout, _ = run_cli(capsys, "bench", "pack", str(checkpoints.demo("tiny")), "--repeat", "1", "--json")
     doc = json.loads(stdout)
     assert code == 0 and doc["pack_mbps"] > 0 and doc["peak_rss_bytes"] > doc["baseline_rss_bytes"] > 0
 
 
 @pytest.mark.parametrize("args", [[], ["pack"], ["pack", "--bogus", "x"], ["verify"]])
 def test_usage_errors_are_usage_lines_not_tracebacks(capsys, args):
-    code, out, err = run(capsys, *args)
+    code, out, err = run_cli(capsys, *args)
     assert code == 2
     assert "Traceback" not in err and "Usage: zipmoe" in out + err

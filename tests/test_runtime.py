@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from zipmoe.cli.app import main
+from conftest import run_cli
 from zipmoe.pack import PackOptions, pack
 from zipmoe.runtime.cache import BudgetError, ExpertCache
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
@@ -166,13 +166,6 @@ def test_parse_size():
         parse_size("lots")
     with pytest.raises(BudgetError, match="unknown size unit"):
         parse_size("3 parsecs")
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_cli_run(capsys, checkpoints):

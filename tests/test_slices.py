@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 import zipmoe.pack as pack_module
-from conftest import bf16_bytes, copy_of, rewrite_manifest, write_safetensors
-from zipmoe.cli.app import main
+from conftest import bf16_bytes, copy_of, rewrite_manifest, run_cli, write_safetensors
 from zipmoe.errors import FormatError
 from zipmoe.formats.constants import DEFAULT_ALIGNMENT, PART_ALIGNMENT
 from zipmoe.formats.reader import Container
@@ -175,10 +174,7 @@ def test_pack_refuses_what_it_cannot_slice(tmp_path, capsys):
     assert not list(tmp_path.glob("x.zmoe*"))
     tensors = {name: ("F32", [16, 64], bytes(16 * 64 * 4)) for name in tensors}
     write_safetensors(src / "model.safetensors", tensors)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["pack", str(src), "-o", str(tmp_path / "x.zmoe"), "--slices", "8:4"])
-    assert exit_info.value.code == 1
-    assert "slices are made from BF16 weights, this tensor is F32" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["pack", str(src), "-o", str(tmp_path / "x.zmoe"), "--slices", "4:8"])
-    assert "Error: slices need 1 <= low bits < high bits <= 8, got 4:8" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "pack", str(src), "-o", str(tmp_path / "x.zmoe"), "--slices", "8:4")
+    assert code == 1 and "slices are made from BF16 weights, this tensor is F32" in err
+    code, _, err = run_cli(capsys, "pack", str(src), "-o", str(tmp_path / "x.zmoe"), "--slices", "4:8")
+    assert code == 1 and "Error: slices need 1 <= low bits < high bits <= 8, got 4:8" in err

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +119,7 @@ class ExpertCache:
     # -- the backend --------------------------------------------------------------------------------------------------
 
     def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
-        """Compute one MoE layer's routed experts: hits first, misses as their fetches complete."""
+        """Compute one MoE layer's routed experts: hits first, then misses in the order their reads were issued."""
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = []
         for expert, tokens, slots in expert_assignments(top_index):
@@ -149,19 +149,19 @@ class ExpertCache:
                     return
 
         launch()
-        while running:
+        while running:  # in the order the reads were issued (expert order): the cache state is reproducible
+            future = next(iter(running))
             start = time.perf_counter()
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            wait([future])
             self.stats.stall_seconds += time.perf_counter() - start
-            for future in done:
-                expert, tokens, slots, tier = running.pop(future)
-                weights, record = future.result()
-                self.stats.hits[tier] += 1
-                self.stats.bytes_decoded += self.store.source_nbytes
-                if tier == STORAGE:
-                    self.stats.bytes_read += record.nbytes
-                outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
-                self._admit((layer, expert), weights, record)
+            expert, tokens, slots, tier = running.pop(future)
+            weights, record = future.result()
+            self.stats.hits[tier] += 1
+            self.stats.bytes_decoded += self.store.source_nbytes
+            if tier == STORAGE:
+                self.stats.bytes_read += record.nbytes
+            outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
+            self._admit((layer, expert), weights, record)
             launch()
         return accumulate(x, outputs)
 

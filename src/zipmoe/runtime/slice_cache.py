@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +141,7 @@ class SliceCache:
     # -- the backend --------------------------------------------------------------------------------------------------
 
     def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
-        """Compute one MoE layer's routed experts: experts with their slices cached first, the rest as they arrive."""
+        """Compute one MoE layer's routed experts: cached experts first, then the rest in read order."""
         if self.phase == DECODE and layer == self._first_layer:
             self.stats.decode_misses.append(0)
         share = (top_weight / top_weight.sum(dim=-1, keepdim=True)).float()  # [T, K]
@@ -204,19 +204,19 @@ class SliceCache:
                     return
 
         launch()
-        while running:
+        while running:  # in the order the reads were issued (expert order): the cache state is reproducible
+            future = next(iter(running))
             start = time.perf_counter()
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            wait([future])
             self.stats.stall_seconds += time.perf_counter() - start
-            for future in done:
-                expert, tokens, slots, high, held = running.pop(future)
-                fetched = future.result()
-                self.stats.bytes_read += sum(s.nbytes for s in fetched.values())
-                job = (expert, tokens, slots, high, {**held, **fetched})
-                outputs[expert] = self._compute(x, (layer, expert), job, top_weight)
-                for kind in (MSB, LSB):  # the MSB first: an LSB is only kept beside its MSB
-                    if kind in fetched:
-                        self._admit(kind, (layer, expert), fetched[kind])
+            expert, tokens, slots, high, held = running.pop(future)
+            fetched = future.result()
+            self.stats.bytes_read += sum(s.nbytes for s in fetched.values())
+            job = (expert, tokens, slots, high, {**held, **fetched})
+            outputs[expert] = self._compute(x, (layer, expert), job, top_weight)
+            for kind in (MSB, LSB):  # the MSB first: an LSB is only kept beside its MSB
+                if kind in fetched:
+                    self._admit(kind, (layer, expert), fetched[kind])
             launch()
 
     def _compute(self, x: torch.Tensor, key: tuple[int, int], job: tuple, top_weight: torch.Tensor):
@@ -251,14 +251,12 @@ class SliceCache:
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used + self.reserved)
 
     def _victim(self) -> tuple[str, tuple[int, int]]:
+        """The slice to evict: dbsc's LSB slices before any MSB; during a PCW prefill the least used, else the LRU."""
         lsb, msb = self.cached[LSB], self.cached[MSB]
-        if self.phase == PREFILL and self.warmup == "pcw":
-            if lsb:
-                return LSB, min(lsb, key=lambda k: self.score.get(k, 0.0))  # ties: least recently used first
-            return MSB, min(msb, key=lambda k: self.frequency.get(k, 0))
+        by_use = self.phase == PREFILL and self.warmup == "pcw"  # min() keeps the LRU order among equals
         if lsb and self.mode == "dbsc":
-            return LSB, next(iter(lsb))
-        return MSB, next(iter(msb))
+            return LSB, min(lsb, key=lambda k: self.score.get(k, 0.0)) if by_use else next(iter(lsb))
+        return MSB, min(msb, key=lambda k: self.frequency.get(k, 0)) if by_use else next(iter(msb))
 
     def _evict(self, kind: str, key: tuple[int, int]) -> None:
         self.used -= self.cached[kind].pop(key).nbytes
