@@ -10,6 +10,7 @@ from zipmoe.codecs.coders import parse_coder
 from zipmoe.formats.constants import HEADER_NBYTES
 from zipmoe.formats.reader import Container
 from zipmoe.pack import PackOptions, pack
+from zipmoe.quant.spec import parse_slices
 from zipmoe.verify import verify
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -25,17 +26,29 @@ def test_golden_container_reads_and_verifies(folder):
         assert {name: hashlib.sha256(c.read_tensor(name)).hexdigest() for name in c.tensors} == expected[
             "tensor_sha256"
         ]
+        slices = {
+            f"{t.name}:{kind}": hashlib.sha256(payload).hexdigest()
+            for layer, expert in c.experts
+            for kind in ("msb", "lsb")
+            for t, _, payload in (c.read_slices(layer, expert, kind) if c.slice_spec else [])
+        }
+        assert slices == expected.get("slice_sha256", {})
 
 
-def test_current_writer_reproduces_the_current_golden_file(tmp_path):
+@pytest.mark.parametrize("folder", VERSIONS, ids=[p.name for p in VERSIONS])
+def test_current_writer_reproduces_the_golden_files(tmp_path, folder):
     """Catches unintended format changes: the same input must still give the same bytes (bar the version string)."""
-    folder = VERSIONS[-1]
     options = json.loads((folder / "expected.json").read_text())["pack_options"]
     out = tmp_path / "again.zmoe"
     pack(
         str(folder / "source"),
         out,
-        PackOptions(coder=parse_coder(options["coder"]), chunk_values=options["chunk_values"], threads=1),
+        PackOptions(
+            coder=parse_coder(options["coder"]),
+            chunk_values=options["chunk_values"],
+            threads=1,
+            slices=parse_slices(options["slices"]) if "slices" in options else None,
+        ),
     )
     with Container(folder / "micro.zmoe") as golden, Container(out) as again:
         assert golden.header.manifest_offset == again.header.manifest_offset

@@ -276,3 +276,38 @@ def cached_demo_checkpoint(preset: str) -> Path:
     if not (cache / "config.json").is_file():
         build_demo_checkpoint(cache, preset, force=True)
     return cache
+
+
+TRAINED_FIXTURE = "qwen2-moe-stdlib"
+
+
+def trained_checkpoint() -> Path:
+    """The small trained Qwen2-MoE checkpoint of this repository's tests (``scripts/train_fixture.py`` made it).
+
+    Raises:
+        CheckpointError: zipmoe is not running from a source checkout that has it.
+    """
+    from zipmoe.errors import CheckpointError
+
+    path = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / TRAINED_FIXTURE
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"the trained test checkpoint is not at {path} (it ships with zipmoe's source tree, not with the "
+            "package): pass a checkpoint and --text"
+        )
+    return path
+
+
+def cached_container(source: Path, name: str, **options) -> Path:
+    """``source`` packed with ``options`` into the user cache directory, once (re-packed when the source changes)."""
+    import os
+
+    from zipmoe.pack import PackOptions, pack
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{name}.zmoe"
+    newest = max(f.stat().st_mtime for f in source.iterdir())
+    if not out.is_file() or out.stat().st_mtime < newest:
+        pack(str(source), out, PackOptions(force=True, **options))
+    return out

@@ -4,6 +4,8 @@
 
 Fixtures are never regenerated in place: a change of format adds a new version folder (v2/ ...), and the tests keep
 reading every older one. The source checkpoint is built with numpy from fixed seeds, so it does not depend on torch.
+v1 is a container without slices; v2 (the latest) the same kind of checkpoint, with expert dimensions a multiple of
+the slice group size, packed with ``--slices 8:4``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from zipmoe.codecs.coders import RansCoder
-from zipmoe.formats.constants import FORMAT_VERSION
+from zipmoe.formats.constants import SLICES_VERSION
+from zipmoe.formats.reader import Container
 from zipmoe.pack import PackOptions, pack
+from zipmoe.quant.spec import parse_slices
 
-HERE = Path(__file__).parent / f"v{FORMAT_VERSION}"
+HERE = Path(__file__).parent / f"v{SLICES_VERSION}"
 CHUNK_VALUES = 1024  # several chunks per tensor, with tails
+SLICES = "8:4"
+INTERMEDIATE = 64  # v1 used 48, which cannot be sliced in groups of 32
 
 
 def bf16(values: np.ndarray) -> bytes:
@@ -48,7 +54,7 @@ def source_tensors() -> dict[str, tuple[str, list[int], bytes]]:
     }
     for layer in range(2):
         for expert in range(2):
-            for w, shape in (("w1", [48, 32]), ("w2", [32, 48]), ("w3", [48, 32])):
+            for w, shape in (("w1", [INTERMEDIATE, 32]), ("w2", [32, INTERMEDIATE]), ("w3", [INTERMEDIATE, 32])):
                 name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
                 tensors[name] = ("BF16", shape, bf16(rng.standard_normal(shape) * 0.02))
     return tensors
@@ -75,10 +81,19 @@ def main() -> int:
         print(f"{container} exists; golden fixtures are never regenerated in place")
         return 0
     write_source(HERE / "source")
-    pack(str(HERE / "source"), container, PackOptions(coder=RansCoder(), chunk_values=CHUNK_VALUES, threads=1))
+    options = PackOptions(coder=RansCoder(), chunk_values=CHUNK_VALUES, threads=1, slices=parse_slices(SLICES))
+    pack(str(HERE / "source"), container, options)
+    with Container(container) as c:
+        slices = {
+            f"{t.name}:{kind}": hashlib.sha256(payload).hexdigest()
+            for layer, expert in c.experts
+            for kind in ("msb", "lsb")
+            for t, _, payload in c.read_slices(layer, expert, kind)
+        }
     expected = {
-        "pack_options": {"coder": "rans", "chunk_values": CHUNK_VALUES},
+        "pack_options": {"coder": "rans", "chunk_values": CHUNK_VALUES, "slices": SLICES},
         "tensor_sha256": {n: hashlib.sha256(raw).hexdigest() for n, (_, _, raw) in source_tensors().items()},
+        "slice_sha256": slices,
     }
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
     print(f"wrote {container}")

@@ -12,6 +12,7 @@ from zipmoe.bench.pack import run_pack_bench
 from zipmoe.cli._options import JsonOpt, QuietOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, table
 from zipmoe.demo import cached_demo_checkpoint
+from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import open_checkpoint
 
 app = typer.Typer(
@@ -245,3 +246,91 @@ def run(
 
 def _resolve_serving(checkpoint: str | None) -> str:
     return checkpoint if checkpoint is not None else str(cached_demo_checkpoint("qwen-moe-bench"))
+
+
+@app.command("slices")
+def slices(
+    checkpoint: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Checkpoint directory or a container packed with --slices (default: the trained Qwen2-MoE test "
+            "checkpoint of the source tree, packed with --slices 8:4 on first use).",
+            show_default=False,
+        ),
+    ] = None,
+    text: Annotated[
+        Optional[Path],
+        typer.Option("--text", help="Prompt and evaluation text (default: the checkpoint's heldout.txt)."),
+    ] = None,
+    budget: Annotated[
+        str, typer.Option("--budget", help="Expert memory for every method (% of BF16 expert bytes).")
+    ] = "30%",
+    storage: Annotated[
+        Optional[float], typer.Option("--storage", help="Simulated storage speed, GB/s (0: page cache).")
+    ] = 1.25,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1)] = 256,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2)] = 32,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=1, help="Tokens scored for perplexity.")] = 8192,
+    critical_threshold: Annotated[
+        Optional[float], typer.Option("--critical-threshold", min=0.0, max=1.0, help="dbsc's threshold.")
+    ] = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Generations per method (median TPOT).")] = 3,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write perplexity vs TPOT here (PNG).")] = None,
+    threads: ThreadsOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Bytes read, misses, TPOT and perplexity of lossless, q8, q4, dbsc and dbsc+pcw at one memory budget."""
+    from zipmoe.bench.slices import FIRST_DECODE_TOKENS, plot, run_slice_bench
+    from zipmoe.demo import cached_container, trained_checkpoint
+    from zipmoe.quant.spec import SliceSpec
+
+    prepare_codecs(quiet or json_output)
+    source = Path(checkpoint) if checkpoint else trained_checkpoint()
+    if source.is_file():
+        container = source
+    else:
+        if not quiet:
+            stderr.print(f"packing {source} with --slices 8:4 (once)")
+        container = cached_container(source, f"{source.name}-slices-8-4", slices=SliceSpec(8, 4))
+    text_path = text or source / "heldout.txt"
+    try:
+        content = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ZipmoeError(f"{text_path}: cannot read it as UTF-8 text ({exc}); pass --text") from None
+    report = run_slice_bench(
+        container, content, budget=budget, storage_gbps=storage or None, prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, eval_tokens=eval_tokens, threshold=critical_threshold, repeat=repeat,
+        threads=threads, device=device, on_step=None if quiet or json_output else (lambda s: stderr.print(s)),
+    )  # fmt: skip
+    if plot_path is not None:
+        plot(report, plot_path)
+    if json_output:
+        print_json(report.to_json())
+        return
+    s = report.settings
+    q8 = report.row("q8")
+    storage_label = "page cache" if s["storage_gbps"] is None else f"{s['storage_gbps']:g} GB/s"
+    t = table("method", "perplexity", "vs q8", "decode bytes read", "vs q8", "decode miss rate",
+              f"slice misses, first {FIRST_DECODE_TOKENS} tokens", "TPOT", "vs q8",
+              title=f"{container.name}: budget {s['budget']}, storage {storage_label}, prompt {s['prompt_tokens']} "
+              f"tokens, {s['new_tokens']} new, {s['device']}")  # fmt: skip
+    for r in report.rows:
+        first = r.first_decode_misses
+        t.add_row(
+            r.method,
+            f"{r.perplexity:.3f}",
+            _times(r.perplexity, q8.perplexity),
+            human_bytes(r.decode_bytes_read),
+            _times(r.decode_bytes_read, q8.decode_bytes_read),
+            percent(r.decode_miss_rate),
+            "-" if first is None else str(first),
+            f"{r.tpot * 1000:.1f} ms",
+            _times(r.tpot, q8.tpot),
+        )
+    stdout.print(t)
+    for target, measured, met in report.targets():
+        stdout.print(f"{'[green]met[/green]' if met else '[red]not met[/red]'}  {target}: {measured}")
+    if plot_path is not None:
+        stdout.print(f"plot: {plot_path}")

@@ -34,10 +34,30 @@ from zipmoe.runtime.model import ExpertWeights, accumulate, expert_assignments, 
 from zipmoe.runtime.store import ExpertStore
 
 DECODED, COMPRESSED, STORAGE = "decoded", "compressed", "storage"
+PREFILL, DECODE = "prefill", "decode"
 
 
 class BudgetError(ZipmoeError, ValueError):
     """A memory budget below what the runtime needs."""
+
+
+@dataclass
+class PhaseCounts:
+    """Expert requests, those that read storage (misses), and bytes read, in the prefill and in decoding."""
+
+    requests: dict[str, int] = field(default_factory=lambda: {PREFILL: 0, DECODE: 0})
+    misses: dict[str, int] = field(default_factory=lambda: {PREFILL: 0, DECODE: 0})
+    bytes_read: dict[str, int] = field(default_factory=lambda: {PREFILL: 0, DECODE: 0})
+
+    def miss_rate(self, phase: str) -> float:
+        return self.misses[phase] / self.requests[phase] if self.requests[phase] else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            phase: {"requests": self.requests[phase], "misses": self.misses[phase],
+                    "miss_rate": self.miss_rate(phase), "bytes_read": self.bytes_read[phase]}
+            for phase in (PREFILL, DECODE)
+        }  # fmt: skip
 
 
 @dataclass
@@ -49,6 +69,7 @@ class CacheStats:
     bytes_decoded: int = 0  # BF16 bytes produced by decoding
     peak_bytes: int = 0  # tiers plus in-flight experts
     stall_seconds: float = 0.0  # time the compute waited for experts
+    phases: PhaseCounts = field(default_factory=PhaseCounts)
 
     @property
     def requests(self) -> int:
@@ -66,6 +87,7 @@ class CacheStats:
             "bytes_decoded": self.bytes_decoded,
             "peak_bytes": self.peak_bytes,
             "stall_seconds": self.stall_seconds,
+            "phases": self.phases.to_json(),
         }
 
 
@@ -114,6 +136,7 @@ class ExpertCache:
         self.compressed: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.used = {DECODED: 0, COMPRESSED: 0}
         self.stats = CacheStats()
+        self.phase = PREFILL
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="zipmoe-fetch")
 
     # -- the backend --------------------------------------------------------------------------------------------------
@@ -122,8 +145,10 @@ class ExpertCache:
         """Compute one MoE layer's routed experts: hits first, then misses in the order their reads were issued."""
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         pending = []
+        phases = self.stats.phases
         for expert, tokens, slots in expert_assignments(top_index):
             key = (layer, expert)
+            phases.requests[self.phase] += 1
             weights = self.decoded.get(key)
             if weights is None:
                 pending.append((expert, tokens, slots))
@@ -160,6 +185,8 @@ class ExpertCache:
             self.stats.bytes_decoded += self.store.source_nbytes
             if tier == STORAGE:
                 self.stats.bytes_read += record.nbytes
+                phases.misses[self.phase] += 1
+                phases.bytes_read[self.phase] += record.nbytes
             outputs[expert] = (tokens, expert_output(x, weights, tokens, slots, top_weight))
             self._admit((layer, expert), weights, record)
             launch()
@@ -196,7 +223,7 @@ class ExpertCache:
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used[DECODED] + self.used[COMPRESSED] + self.reserved)
 
     def on_phase(self, phase: str) -> None:
-        pass
+        self.phase = phase
 
     @property
     def bytes_in_use(self) -> int:

@@ -34,14 +34,13 @@ from typing import Any
 import torch
 
 from zipmoe.quant.spec import LSB, MSB, Precision
-from zipmoe.runtime.cache import BudgetError
+from zipmoe.runtime.cache import DECODE, PREFILL, BudgetError, PhaseCounts
 from zipmoe.runtime.model import accumulate, expert_assignments, expert_output
 from zipmoe.runtime.slices import Slice, SliceStore
 
 MODES = ("high", "low", "trunc", "dbsc")
 WARMUPS = ("pcw", "none", "empty")
 DEFAULT_THRESHOLD = 0.5
-PREFILL, DECODE = "prefill", "decode"
 _PRECISION = {"high": Precision.HIGH, "low": Precision.LOW, "trunc": Precision.TRUNC}
 
 
@@ -59,6 +58,7 @@ class SliceStats:
     critical_tokens: int = 0  # of which had a critical expert (dbsc)
     prefill_misses: int = 0
     decode_misses: list[int] = field(default_factory=list)  # slice misses of each decode step
+    phases: PhaseCounts = field(default_factory=PhaseCounts)  # per expert: a miss reads at least one slice
 
     def miss_rate(self, kind: str | None = None) -> float:
         kinds = (kind,) if kind else (MSB, LSB)
@@ -77,6 +77,7 @@ class SliceStats:
             "critical_fraction": self.critical_tokens / self.tokens if self.tokens else 0.0,
             "prefill_misses": self.prefill_misses,
             "decode_misses": list(self.decode_misses),
+            "phases": self.phases.to_json(),
         }
 
 
@@ -160,6 +161,7 @@ class SliceCache:
             need = (MSB, LSB) if bool(high.any()) else (MSB,)
             held = {kind: self._lookup(kind, key) for kind in need}
             job = (expert, tokens, slots, high, held)
+            self.stats.phases.requests[self.phase] += 1
             if all(held.values()):
                 outputs[expert] = self._compute(x, key, job, top_weight)
             else:
@@ -211,7 +213,10 @@ class SliceCache:
             self.stats.stall_seconds += time.perf_counter() - start
             expert, tokens, slots, high, held = running.pop(future)
             fetched = future.result()
-            self.stats.bytes_read += sum(s.nbytes for s in fetched.values())
+            nbytes = sum(s.nbytes for s in fetched.values())
+            self.stats.bytes_read += nbytes
+            self.stats.phases.misses[self.phase] += 1
+            self.stats.phases.bytes_read[self.phase] += nbytes
             job = (expert, tokens, slots, high, {**held, **fetched})
             outputs[expert] = self._compute(x, (layer, expert), job, top_weight)
             for kind in (MSB, LSB):  # the MSB first: an LSB is only kept beside its MSB
