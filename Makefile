@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/zipmoe bench codecs
 	$(BIN)/zipmoe bench pack
 	$(BIN)/zipmoe bench run
+	$(BIN)/zipmoe bench slices --plot docs/slices-ppl-vs-tpot.png
 
 clean:
 	rm -rf build .pytest_cache .hypothesis

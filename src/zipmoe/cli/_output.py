@@ -79,9 +79,12 @@ def progress_bar(
 def prepare_codecs(quiet: bool) -> None:
     """Load the compiled codecs (compiling them on the first run after installing) before timed work starts."""
     from zipmoe.codecs.parts import warm_up
+    from zipmoe.quant.amat import warm_up as warm_up_quant
 
     if quiet or not stderr.is_terminal:
         warm_up()
+        warm_up_quant()
         return
     with stderr.status("Preparing codecs (compiled once after installing, then cached)"):
         warm_up()
+        warm_up_quant()

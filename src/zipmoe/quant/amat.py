@@ -111,3 +111,13 @@ def base_quantized(values: np.ndarray, rows: int, cols: int, bits: int, group: i
         _min_rows(cols),
     )
     return out
+
+
+def warm_up() -> None:
+    """Compile, or load from numba's cache, the kernel variants that pack, verify, run and eval use."""
+    spec = SliceSpec()
+    values = np.arange(2 * 64, dtype=np.uint16)
+    msb, lsb = quantize_tensor(values, 2, 64, spec, Workers(1))
+    for precision in Precision:
+        dequantize_tensor(msb, lsb, 2, 64, spec, precision, np.empty(2 * 64, np.float32), Workers(1))
+    base_quantized(values, 2, 64, spec.low_bits, spec.group_size, Workers(1))
