@@ -1,7 +1,7 @@
 """Serving AMAT slices: exact weights per mode, dbsc's per-token precision, the slice cache's policies and PCW."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -229,3 +229,22 @@ def test_cli_run_and_eval_with_slices(checkpoints, tmp_path, capsys):
     (tmp_path / "e.txt").write_text("")
     code, _, err = run_cli(capsys, "eval", "ppl", str(sliced), "--text", str(tmp_path / "e.txt"), "--device", "cpu")
     assert code == 1 and "fewer than two tokens" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["q8", "q4", "dbsc"])
+def test_cuda_serves_the_slices_like_the_cpu(sliced, mode):
+    tokens = torch.tensor(PROMPT)
+    with engine(sliced, mode=mode) as cpu:
+        expected = cpu.model.forward(tokens, 0, cpu.model.new_cache(32), all_logits=True)
+    with Engine(sliced, EngineOptions(device="cuda", dtype="float32", mode=mode)) as gpu:
+        logits = gpu.model.forward(tokens.cuda(), 0, gpu.model.new_cache(32), all_logits=True).cpu()
+        payload = next(iter(gpu.cache.cached["msb"].values()))
+        assert payload.payloads[0].is_cuda
+        assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
+        minimum = gpu.cache_minimum()
+    sampling = SamplingOptions(max_new_tokens=10, stop_at_eos=False)
+    options = EngineOptions(device="cuda", dtype="bfloat16", mode=mode)
+    with Engine(sliced, options) as big, Engine(sliced, replace(options, memory_budget=minimum + 4096)) as small:
+        assert generate(small.model, PROMPT, sampling).tokens == generate(big.model, PROMPT, sampling).tokens
+        assert small.cache.stats.misses["msb"] > len(small.container.experts)

@@ -8,7 +8,7 @@ simulated storage, generating from the same prompt (the first tokens of the eval
 * ``q4``: AMAT low bits (MSB slices alone);
 * ``dbsc``: critical experts at 8 bits, the rest at 4; MSB slices LRU, LSB slices evicted first; no warmup;
 * ``dbsc+pcw``: the same with predictive cache warmup;
-* ``dbsc, empty start``: the cache emptied when decoding starts (the paper's baseline for PCW).
+* ``dbsc+empty``: the cache emptied when decoding starts (the paper's baseline for PCW).
 
 Perplexity is measured on the evaluation text with every expert in memory, since the budget changes what is read,
 not what is computed. Each method runs ``repeat`` times, interleaved, each time with a fresh
@@ -34,7 +34,7 @@ METHODS = (
     ("q4", "q4", "none"),
     ("dbsc", "dbsc", "none"),
     ("dbsc+pcw", "dbsc", "pcw"),
-    ("dbsc, empty start", "dbsc", "empty"),
+    ("dbsc+empty", "dbsc", "empty"),
 )
 FIRST_DECODE_TOKENS = 16
 
@@ -99,7 +99,7 @@ class SliceBenchReport:
 
     def targets(self) -> list[tuple[str, str, bool]]:
         """(target, measured, met) for the SliceMoE targets this bench measures."""
-        q8, dbsc, pcw, empty = (self.row(m) for m in ("q8", "dbsc", "dbsc+pcw", "dbsc, empty start"))
+        q8, dbsc, pcw, empty = (self.row(m) for m in ("q8", "dbsc", "dbsc+pcw", "dbsc+empty"))
         bytes_ratio = dbsc.decode_bytes_read / q8.decode_bytes_read if q8.decode_bytes_read else float("nan")
         ppl_ratio = dbsc.perplexity / q8.perplexity
         cut = 1 - pcw.first_decode_misses / empty.first_decode_misses if empty.first_decode_misses else float("nan")
