@@ -11,6 +11,7 @@ from zipmoe.errors import FormatError
 from zipmoe.quant import reference as ref
 from zipmoe.quant import torch_ops
 from zipmoe.quant.amat import base_quantized, dequantize_tensor, quantize_tensor
+from zipmoe.quant.matvec import matmul_slices
 from zipmoe.quant.spec import Precision, SliceError, SliceSpec, parse_slices
 
 SPECS = [SliceSpec(8, 4), SliceSpec(6, 3), SliceSpec(4, 2), SliceSpec(8, 7), SliceSpec(2, 1), SliceSpec(8, 1),
@@ -48,6 +49,24 @@ def test_kernels_match_the_numpy_twin(spec):
         on_torch = torch_ops.dequantize(torch.from_numpy(msb), torch.from_numpy(lsb), rows, cols, spec, precision,
                                         torch.float32)  # fmt: skip
         assert np.array_equal(on_torch.numpy().reshape(-1).view(np.uint32), out.view(np.uint32))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+@pytest.mark.parametrize("n_tokens", [1, 3, 17])
+def test_products_straight_from_slices_match_the_dequantized_weights(spec, n_tokens):
+    rows, cols = 40, 4 * spec.group_size
+    msb, lsb = quantize_tensor(weights(rows, cols, seed=n_tokens), rows, cols, spec, Workers(1))
+    x = np.random.default_rng(n_tokens).standard_normal((n_tokens, cols)).astype(np.float32)
+    for precision in Precision:
+        w = ref.dequantize(msb, lsb, rows, cols, spec, precision).reshape(rows, cols).astype(np.float64)
+        expected = x.astype(np.float64) @ w.T
+        bound = 1e-6 * (np.abs(x) @ np.abs(w).T) + 1e-30  # float32 rounding of the sums, whatever their order
+        for threads in (1, 3):
+            got = matmul_slices(x, msb, lsb if precision == Precision.HIGH else None, rows, cols, spec, precision,
+                                Workers(threads))  # fmt: skip
+            assert got.shape == (n_tokens, rows) and np.all(np.abs(got - expected) <= bound)
+    with pytest.raises(ValueError, match="needs the LSB slice"):
+        matmul_slices(x, msb, None, rows, cols, spec, Precision.HIGH, Workers(1))
 
 
 @given(

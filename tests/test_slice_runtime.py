@@ -11,6 +11,7 @@ from conftest import run_cli
 from zipmoe.pack import PackOptions, pack
 from zipmoe.quant import reference as ref
 from zipmoe.quant.spec import LSB, MSB, Precision, SliceSpec
+from zipmoe.runtime import slices
 from zipmoe.runtime.cache import BudgetError
 from zipmoe.runtime.engine import Engine, EngineOptions
 from zipmoe.runtime.generate import SamplingOptions, generate
@@ -80,12 +81,19 @@ class PerTokenReference:
 @pytest.mark.parametrize(
     "mode, precision", [("q8", Precision.HIGH), ("q4", Precision.LOW), ("q4-trunc", Precision.TRUNC)]
 )
-def test_uniform_modes_serve_exactly_the_dequantized_slices(sliced, mode, precision):
+@pytest.mark.parametrize("fused", [False, True])
+def test_uniform_modes_serve_exactly_the_dequantized_slices(sliced, mode, precision, fused, monkeypatch):
+    """Bit for bit through dequantized weights; within float32 rounding when multiplying straight from slices."""
+    monkeypatch.setattr(slices, "FUSED_MAX_TOKENS", len(PROMPT) if fused else 0)
     tokens = torch.tensor(PROMPT)
     with engine(sliced, mode=mode) as e:
         reference = Transformer(e.args, e.dense, InMemoryExperts(reference_weights(e, precision)))
         expected = reference.forward(tokens, 0, reference.new_cache(32), all_logits=True)
-        assert torch.equal(e.model.forward(tokens, 0, e.model.new_cache(32), all_logits=True), expected)
+        got = e.model.forward(tokens, 0, e.model.new_cache(32), all_logits=True)
+        if fused:
+            assert torch.allclose(got, expected, rtol=0, atol=1e-5) and not torch.equal(got, expected)
+        else:
+            assert torch.equal(got, expected)
 
 
 def test_dbsc_picks_the_precision_per_token(sliced):
@@ -153,9 +161,9 @@ class FakeStore:
         self.reads.append((key, kind))
         return Slice(kind, (), self.record_nbytes[kind])
 
-    def weights(self, key, msb, lsb, precision):
+    def output(self, key, msb, lsb, precision, x, tokens, slots, top_weight):
         eye = torch.eye(2) * (1 + key[1] + (0.5 if precision == Precision.HIGH else 0))
-        return ExpertWeights(eye, eye, eye)
+        return expert_output(x, ExpertWeights(eye, eye, eye), tokens, slots, top_weight)
 
     def close(self):
         pass

@@ -179,17 +179,16 @@ def run_slice_bench(
 
 
 def plot(report: SliceBenchReport, path: Path) -> None:
-    """Perplexity against TPOT, one labelled point per method, as a PNG."""
+    """Perplexity against TPOT, one point per method, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=150)
-    for row in report.rows:
-        ax.scatter(row.tpot * 1000, row.perplexity, s=36)
-        ax.annotate(row.method, (row.tpot * 1000, row.perplexity), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)  # fmt: skip
+    for row, marker in zip(report.rows, "osD^v<>p*", strict=False):
+        ax.scatter(row.tpot * 1000, row.perplexity, s=40, marker=marker, label=row.method, alpha=0.85)
+    ax.legend(fontsize=8)  # methods can share a perplexity (dbsc with and without warmup): a legend, not labels
     s = report.settings
     ax.set_xlabel("time per output token (ms)")
     ax.set_ylabel("perplexity (held-out text)")

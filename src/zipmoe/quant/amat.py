@@ -34,7 +34,7 @@ class MsbSlice:
         return cls(payload[:packed_nbytes], scales, payload[packed_nbytes + 2 * groups :])
 
 
-def _min_rows(cols: int) -> int:
+def min_rows(cols: int) -> int:
     return max(1, _TASK_VALUES // max(1, cols))
 
 
@@ -63,7 +63,7 @@ def _quantize(
             values, cols, group, high, low, a, b, parts.packed, lsb, parts.scales, parts.zero_points
         ),
         rows,
-        _min_rows(cols),
+        min_rows(cols),
     )
     failed = [r for r in bad if r >= 0]
     if failed:
@@ -92,7 +92,7 @@ def dequantize_tensor(
             spec.low_bits, int(precision), a, b, out,
         ),
         rows,
-        _min_rows(cols),
+        min_rows(cols),
     )  # fmt: skip
     return out
 
@@ -108,16 +108,19 @@ def base_quantized(values: np.ndarray, rows: int, cols: int, bits: int, group: i
             parts.packed, empty, parts.scales, parts.zero_points, cols, group, bits, bits, 0, a, b, out
         ),
         rows,
-        _min_rows(cols),
+        min_rows(cols),
     )
     return out
 
 
 def warm_up() -> None:
     """Compile, or load from numba's cache, the kernel variants that pack, verify, run and eval use."""
+    from zipmoe.quant.matvec import matmul_slices  # it builds on this module
+
     spec = SliceSpec()
     values = np.arange(2 * 64, dtype=np.uint16)
     msb, lsb = quantize_tensor(values, 2, 64, spec, Workers(1))
     for precision in Precision:
         dequantize_tensor(msb, lsb, 2, 64, spec, precision, np.empty(2 * 64, np.float32), Workers(1))
+    matmul_slices(np.zeros((1, 64), np.float32), msb, lsb, 2, 64, spec, Precision.HIGH, Workers(1))
     base_quantized(values, 2, 64, spec.low_bits, spec.group_size, Workers(1))

@@ -35,7 +35,7 @@ import torch
 
 from zipmoe.quant.spec import LSB, MSB, Precision
 from zipmoe.runtime.cache import DECODE, PREFILL, BudgetError, PhaseCounts
-from zipmoe.runtime.model import accumulate, expert_assignments, expert_output
+from zipmoe.runtime.model import accumulate, expert_assignments
 from zipmoe.runtime.slices import Slice, SliceStore
 
 MODES = ("high", "low", "trunc", "dbsc")
@@ -227,20 +227,19 @@ class SliceCache:
     def _compute(self, x: torch.Tensor, key: tuple[int, int], job: tuple, top_weight: torch.Tensor):
         """One expert's output for its tokens: high precision for ``high`` tokens, the low path for the rest."""
         _, tokens, slots, high, held = job
-        low_precision = _PRECISION["trunc" if self.mode == "trunc" else "low"]
+        low = _PRECISION["trunc" if self.mode == "trunc" else "low"]
+        msb, lsb = held[MSB], held.get(LSB)
+        output = self.store.output
         if bool(high.all()):
             self.stats.computed["high"] += 1
-            weights = self.store.weights(key, held[MSB], held[LSB], Precision.HIGH)
-            return tokens, expert_output(x, weights, tokens, slots, top_weight)
-        low_weights = self.store.weights(key, held[MSB], None, low_precision)
+            return tokens, output(key, msb, lsb, Precision.HIGH, x, tokens, slots, top_weight)
         self.stats.computed["low"] += 1
         if not bool(high.any()):
-            return tokens, expert_output(x, low_weights, tokens, slots, top_weight)
+            return tokens, output(key, msb, None, low, x, tokens, slots, top_weight)
         self.stats.computed["high"] += 1
-        high_weights = self.store.weights(key, held[MSB], held[LSB], Precision.HIGH)
         y = torch.empty(len(tokens), x.shape[1], dtype=x.dtype, device=x.device)
-        y[high] = expert_output(x, high_weights, tokens[high], slots[high], top_weight).to(x.dtype)
-        y[~high] = expert_output(x, low_weights, tokens[~high], slots[~high], top_weight).to(x.dtype)
+        y[high] = output(key, msb, lsb, Precision.HIGH, x, tokens[high], slots[high], top_weight).to(x.dtype)
+        y[~high] = output(key, msb, None, low, x, tokens[~high], slots[~high], top_weight).to(x.dtype)
         return tokens, y
 
     # -- admission and eviction ------------------------------------------------------------------------------------

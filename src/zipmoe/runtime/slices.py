@@ -3,7 +3,8 @@
 An MSB record holds an expert's values at the low bit width plus its scales and zero-points; the LSB record the
 remaining bits. A slice read from storage stays packed (that is what makes it small in the cache); compute-ready
 weights are made from the cached slices each time the expert runs: with the Numba kernel on the CPU, with torch
-operations on a GPU (where the slices are kept).
+operations on a GPU (where the slices are kept). On the CPU an expert with few tokens (decoding) multiplies straight
+from its slices instead (`zipmoe.quant.matvec`), which reads each weight once, packed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from zipmoe._threads import Workers
 from zipmoe.codecs.parts import DIRECTORY_ENTRY, PartView, check_part
@@ -19,16 +21,20 @@ from zipmoe.errors import ChecksumError, FormatError
 from zipmoe.formats.reader import Container
 from zipmoe.quant import torch_ops
 from zipmoe.quant.amat import base_quantized, dequantize_tensor
+from zipmoe.quant.matvec import matmul_slices
 from zipmoe.quant.spec import MSB, SLICE_KINDS, Precision, SliceSpec
 from zipmoe.runtime.config import ModelArgs
-from zipmoe.runtime.model import ExpertWeights
+from zipmoe.runtime.model import ExpertWeights, expert_output
 from zipmoe.runtime.store import RecordReader, StorageThrottle
-from zipmoe.runtime.weights import assemble_expert
+from zipmoe.runtime.weights import assemble_expert, member_role
+
+FUSED_MAX_TOKENS = 16  # CPU: an expert with at most this many tokens multiplies straight from its slices
 
 
 @dataclass(frozen=True)
 class _Member:
     name: str
+    role: str  # gate, up, down or gate_up
     rows: int
     cols: int
     view: PartView  # of the raw blob, relative to the start of its record
@@ -80,7 +86,8 @@ class SliceStore(RecordReader):
             for t_index, _, blob in record.members:
                 tensor = container.manifest.tensors[t_index]
                 rows, cols = self.spec.check_shape(tensor.name, tensor.shape[1:] if tensor.fused else tensor.shape)
-                members.append(_Member(tensor.name, rows, cols, container.blob_view(blob, raw, base=record.offset)))
+                view = container.blob_view(blob, raw, base=record.offset)
+                members.append(_Member(tensor.name, member_role(tensor.name), rows, cols, view))
             self._records[(layer, expert, kind)] = (record.offset, record.nbytes, tuple(members))
         for layer in range(args.n_layers):
             for e in range(args.n_experts if args.sparse_layers[layer] else 0):
@@ -123,6 +130,41 @@ class SliceStore(RecordReader):
                 w = torch.from_numpy(out).view(m.rows, m.cols)
             tensors.append((m.name, w))
         return assemble_expert(tensors, self.args, self.device, self.dtype)
+
+    def output(
+        self,
+        key: tuple[int, int],
+        msb: Slice,
+        lsb: Slice | None,
+        precision: Precision,
+        x: torch.Tensor,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        top_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """One expert's contribution for its ``tokens`` at ``precision``, as `expert_output` computes it.
+
+        On the CPU, up to `FUSED_MAX_TOKENS` tokens multiply straight from the slices (equal to the dequantized
+        weights' products up to float32 rounding); more tokens, or a GPU, make the weights first.
+        """
+        if self.device.type != "cpu" or len(tokens) > FUSED_MAX_TOKENS:
+            return expert_output(x, self.weights(key, msb, lsb, precision), tokens, slots, top_weight)
+        _, _, members = self._records[(*key, MSB)]
+
+        def product(role: str, inputs: np.ndarray) -> np.ndarray:
+            i = next(i for i, m in enumerate(members) if m.role == role)
+            low = lsb.payloads[i] if lsb is not None else None
+            m = members[i]
+            return matmul_slices(inputs, msb.payloads[i], low, m.rows, m.cols, self.spec, precision, self._workers)
+
+        h = x[tokens].float().numpy()
+        if any(m.role == "gate_up" for m in members):
+            gate, up = np.split(product("gate_up", h), [self.args.moe_intermediate], axis=1)
+        else:
+            gate, up = product("gate", h), product("up", h)
+        act = F.silu(torch.from_numpy(gate)) * torch.from_numpy(up)
+        y = torch.from_numpy(product("down", act.numpy())).to(x.dtype)
+        return y * top_weight[tokens, slots, None]
 
     def close(self) -> None:
         self._workers.close()
