@@ -71,6 +71,16 @@ def _quantize(
     return parts
 
 
+def slice_parts(
+    msb: np.ndarray, lsb: np.ndarray | None, rows: int, cols: int, spec: SliceSpec, precision: Precision
+) -> tuple[MsbSlice, np.ndarray]:
+    """The parts of an MSB payload, and the LSB payload (empty when not given), checked for ``precision``."""
+    lsb = lsb if lsb is not None else np.zeros(0, np.uint8)
+    if precision == Precision.HIGH and lsb.size != spec.lsb_nbytes(rows, cols):
+        raise ValueError("high precision needs the LSB slice")
+    return MsbSlice.view(msb, rows * cols, spec.low_bits, spec.group_size), lsb
+
+
 def dequantize_tensor(
     msb: np.ndarray,
     lsb: np.ndarray | None,
@@ -82,10 +92,7 @@ def dequantize_tensor(
     workers: Workers,
 ) -> np.ndarray:
     """Float32 weights (``out``, ``rows * cols``) from an MSB slice payload and, for `Precision.HIGH`, the LSB one."""
-    parts = MsbSlice.view(msb, rows * cols, spec.low_bits, spec.group_size)
-    lsb = lsb if lsb is not None else np.zeros(0, np.uint8)
-    if precision == Precision.HIGH and spec.shift and lsb.size != spec.lsb_nbytes(rows, cols):
-        raise ValueError("high precision needs the LSB slice")
+    parts, lsb = slice_parts(msb, lsb, rows, cols, spec, precision)
     workers.run_ranges(
         lambda a, b: dequantize_slices(
             parts.packed, lsb, parts.scales, parts.zero_points, cols, spec.group_size, spec.high_bits,

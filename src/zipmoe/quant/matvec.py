@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, uint8
 
 from zipmoe._threads import Workers
-from zipmoe.quant.amat import MsbSlice, min_rows
+from zipmoe.quant.amat import min_rows, slice_parts
 from zipmoe.quant.kernels import _unpack
 from zipmoe.quant.spec import Precision, SliceSpec
 
@@ -112,10 +112,7 @@ def matmul_slices(
     workers: Workers,
 ) -> np.ndarray:
     """``x @ W.T`` (float32 ``[T, rows]``) for ``x`` float32 ``[T, cols]`` and ``W`` the weights of the slices."""
-    parts = MsbSlice.view(msb, rows * cols, spec.low_bits, spec.group_size)
-    lsb = lsb if lsb is not None else np.zeros(0, np.uint8)
-    if precision == Precision.HIGH and lsb.size != spec.lsb_nbytes(rows, cols):
-        raise ValueError("high precision needs the LSB slice")
+    parts, lsb = slice_parts(msb, lsb, rows, cols, spec, precision)
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty((x.shape[0], rows), np.float32)
     workers.run_ranges(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,20 @@ class CacheStats:
 def minimum_budget(store: ExpertStore, max_inflight: int) -> int:
     """Bytes for ``max_inflight`` experts being fetched at once: record, decode buffer and compute weights each."""
     return max_inflight * (store.record_nbytes + store.source_nbytes + store.decoded_nbytes)
+
+
+def in_issue_order(running: dict[Future, Any], stats: Any) -> Iterator[tuple[Any, Any]]:
+    """``(job, result)`` of ``running`` futures in the order they were submitted, the wait added to ``stats``.
+
+    Consuming in issue order (expert order), not completion order, keeps the cache state reproducible. The caller
+    may submit more while iterating.
+    """
+    while running:
+        future = next(iter(running))
+        start = time.perf_counter()
+        wait([future])
+        stats.stall_seconds += time.perf_counter() - start
+        yield running.pop(future), future.result()
 
 
 class ExpertCache:
@@ -174,13 +189,7 @@ class ExpertCache:
                     return
 
         launch()
-        while running:  # in the order the reads were issued (expert order): the cache state is reproducible
-            future = next(iter(running))
-            start = time.perf_counter()
-            wait([future])
-            self.stats.stall_seconds += time.perf_counter() - start
-            expert, tokens, slots, tier = running.pop(future)
-            weights, record = future.result()
+        for (expert, tokens, slots, tier), (weights, record) in in_issue_order(running, self.stats):
             self.stats.hits[tier] += 1
             self.stats.bytes_decoded += self.store.source_nbytes
             if tier == STORAGE:

@@ -25,16 +25,15 @@ evicts in that order until its own accesses take over. ``warmup="none"`` keeps w
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from zipmoe.quant.spec import LSB, MSB, Precision
-from zipmoe.runtime.cache import DECODE, PREFILL, BudgetError, PhaseCounts
+from zipmoe.runtime.cache import DECODE, PREFILL, BudgetError, PhaseCounts, in_issue_order
 from zipmoe.runtime.model import accumulate, expert_assignments
 from zipmoe.runtime.slices import Slice, SliceStore
 
@@ -206,13 +205,7 @@ class SliceCache:
                     return
 
         launch()
-        while running:  # in the order the reads were issued (expert order): the cache state is reproducible
-            future = next(iter(running))
-            start = time.perf_counter()
-            wait([future])
-            self.stats.stall_seconds += time.perf_counter() - start
-            expert, tokens, slots, high, held = running.pop(future)
-            fetched = future.result()
+        for (expert, tokens, slots, high, held), fetched in in_issue_order(running, self.stats):
             nbytes = sum(s.nbytes for s in fetched.values())
             self.stats.bytes_read += nbytes
             self.stats.phases.misses[self.phase] += 1
