@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from zipmoe.quant.spec import SliceSpec
+
 settings.register_profile("default", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("expensive", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,13 +99,14 @@ class CheckpointFactory:
             build_demo_checkpoint(path, preset)
         return path
 
-    def packed(self, source: Path, **options) -> Path:
-        """The container of ``source`` packed with default options (cached)."""
+    def packed(self, source: Path, slices: SliceSpec | None = None) -> Path:
+        """The container of ``source`` packed with default options, and AMAT ``slices`` if given (cached)."""
         from zipmoe.pack import PackOptions, pack
 
-        out = self.root / (source.name + ".zmoe")
+        suffix = f"-slices-{slices.high_bits}-{slices.low_bits}-{slices.group_size}" if slices else ""
+        out = self.root / f"{source.name}{suffix}.zmoe"
         if not out.exists():
-            pack(str(source), out, PackOptions(**options))
+            pack(str(source), out, PackOptions(slices=slices))
         return out
 
 

@@ -31,11 +31,7 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 11, 12]
 
 @pytest.fixture(scope="module")
 def sliced(checkpoints):
-    source = checkpoints.family("qwen2_moe")
-    out = checkpoints.root / "qwen2_moe-sliced.zmoe"
-    if not out.exists():
-        pack(str(source), out, PackOptions(slices=SliceSpec(8, 4)))
-    return out
+    return checkpoints.packed(checkpoints.family("qwen2_moe"), slices=SliceSpec(8, 4))
 
 
 def engine(path, **options) -> Engine:

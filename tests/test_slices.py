@@ -18,10 +18,7 @@ from zipmoe.verify import verify
 @pytest.fixture(scope="module")
 def sliced(checkpoints):
     source = checkpoints.family("qwen2_moe")
-    out = checkpoints.root / "qwen2_moe-sliced.zmoe"
-    if not out.exists():
-        pack(str(source), out, PackOptions(slices=SliceSpec(8, 4)))
-    return source, out
+    return source, checkpoints.packed(source, slices=SliceSpec(8, 4))
 
 
 def test_layout_msb_and_lsb_records_apart(sliced):
