@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import run_cli
-from zipmoe.pack import PackOptions, pack
 from zipmoe.quant import reference as ref
 from zipmoe.quant.spec import LSB, MSB, Precision, SliceSpec
 from zipmoe.runtime import slices
@@ -218,8 +217,7 @@ def test_pcw_keeps_the_experts_the_prompt_used_most():
 
 
 def test_cli_run_and_eval_with_slices(checkpoints, tmp_path, capsys):
-    sliced = tmp_path / "tiny.zmoe"
-    pack(str(checkpoints.demo("tiny")), sliced, PackOptions(slices=SliceSpec(8, 4)))
+    sliced = checkpoints.packed(checkpoints.demo("tiny"), slices=SliceSpec(8, 4))
     code, _, err = run_cli(capsys, "run", str(sliced), "hello", "-n", "4", "--mode", "dbsc", "--device", "cpu",
                            "--memory-budget", "60%", "--ignore-eos")  # fmt: skip
     assert code == 0 and "MSB slices: hits / misses" in err and "tokens with a critical expert" in err
@@ -233,6 +231,25 @@ def test_cli_run_and_eval_with_slices(checkpoints, tmp_path, capsys):
     (tmp_path / "e.txt").write_text("")
     code, _, err = run_cli(capsys, "eval", "ppl", str(sliced), "--text", str(tmp_path / "e.txt"), "--device", "cpu")
     assert code == 1 and "fewer than two tokens" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "{c}", "hi", "--mode", "q4", "--warmup", "hot"], "unknown warmup 'hot' (choose pcw, none, empty)"),
+        (["eval", "ppl", "{c}", "--text", "{missing}"], "cannot read it as UTF-8 text"),
+        (["eval", "ppl", "{c}", "--text", "{binary}"], "cannot read it as UTF-8 text"),
+        (["eval", "ppl", "{c}", "--text", "{text}", "--mode", "q4,q6"], "unknown mode 'q6' for MAT(8,4) slices"),
+    ],
+)
+def test_cli_bad_slice_options_are_one_line_errors(checkpoints, tmp_path, capsys, args, message):
+    sliced = checkpoints.packed(checkpoints.demo("tiny"), slices=SliceSpec(8, 4))  # it has a tokenizer
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "text.txt").write_text("some text to score " * 8)
+    names = {"c": sliced, "missing": tmp_path / "none.txt", "binary": tmp_path / "binary.txt",
+             "text": tmp_path / "text.txt"}  # fmt: skip
+    code, out, err = run_cli(capsys, *[a.format(**names) for a in args], "--device", "cpu")
+    assert code == 1 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

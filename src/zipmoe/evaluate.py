@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.reader import Container
-from zipmoe.runtime.engine import Engine, EngineOptions, available_modes
+from zipmoe.quant.spec import SliceSpec
+from zipmoe.runtime.engine import Engine, EngineOptions, available_modes, resolve_mode
 
 DEFAULT_CONTEXT = 512
 
@@ -55,10 +56,8 @@ class PerplexityResult:
         }
 
 
-def table1_modes(path: str | Path) -> list[str]:
-    """Every mode a container offers plus the low-bit baselines: SliceMoE's Table 1 for this model."""
-    with Container(path) as c:
-        spec = c.slice_spec
+def table1_modes(spec: SliceSpec | None) -> list[str]:
+    """Every mode a container with slices ``spec`` offers plus the low-bit baselines: SliceMoE's Table 1."""
     modes = available_modes(spec)
     if spec is not None:
         modes += [f"q{spec.low_bits}-base", f"q{spec.low_bits}-trunc"]
@@ -96,8 +95,11 @@ def perplexity(
         progress: called after each window.
 
     Raises:
-        ZipmoeError: the text has fewer than two tokens; a mode the container cannot serve.
+        ZipmoeError: the text has fewer than two tokens; a mode the container cannot serve (before any runs).
     """
+    with Container(path) as c:
+        for mode in modes:
+            resolve_mode(mode, c.slice_spec)
     options = options or EngineOptions()
     results = []
     batches: list[list[int]] | None = None

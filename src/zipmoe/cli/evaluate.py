@@ -81,9 +81,9 @@ def ppl(
         content = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ZipmoeError(f"{text}: cannot read it as UTF-8 text ({exc})") from None
-    modes = table1_modes(container) if mode == "all" else [m.strip() for m in mode.split(",") if m.strip()]
     with Container(container) as c:
         spec = c.slice_spec
+    modes = table1_modes(spec) if mode == "all" else [m.strip() for m in mode.split(",") if m.strip()]
     prepare_codecs(quiet or json_output)
     options = EngineOptions(device=device, memory_budget=memory_budget, threads=threads,
                             critical_threshold=critical_threshold)  # fmt: skip
