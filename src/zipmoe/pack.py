@@ -231,7 +231,7 @@ def _check_sliceable(checkpoint: Checkpoint, layout: ModelLayout, spec: SliceSpe
 
 def _check_written(path: Path, workers: Workers) -> None:
     """Re-open the finished (unpublished) file and check its structure and every checksum from disk."""
-    with Container(path) as container:
+    with Container(path, unpublished=True) as container:
         for label, view in container.stored_blobs():
             failures = check_part(container.data, view, workers)
             container.release(view.offset, view.nbytes)

@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from zipmoe import __version__
 from zipmoe.cli import bench, demo, evaluate, inspect, pack, run, unpack, verify
@@ -51,14 +52,23 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         app(args=argv, prog_name="zipmoe")
-    except (ZipmoeError, OSError) as exc:
-        if os.environ.get("ZIPMOE_DEBUG"):
-            raise
-        message = (
-            str(exc) if isinstance(exc, ZipmoeError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-        )
-        stderr.print(f"[red]Error:[/red] {message}")
-        sys.exit(1)
     except KeyboardInterrupt:
         stderr.print("Interrupted.")
         sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("ZIPMOE_DEBUG"):
+            raise
+        if isinstance(exc, ZipmoeError):
+            message = str(exc)
+        elif isinstance(exc, OSError):
+            message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        elif isinstance(exc, MemoryError):
+            message = "out of memory"
+        else:  # a bug: still one line, and the way to the traceback
+            message = (
+                f"internal error ({type(exc).__name__}: {exc}); please report it with the traceback that "
+                "ZIPMOE_DEBUG=1 shows"
+            )
+        # Messages quote names from files (file names, templates): print them as text, never as markup.
+        stderr.print(f"[red]Error:[/red] {escape(' '.join(message.split()))}")
+        sys.exit(1)

@@ -126,6 +126,24 @@ def encoding_from_config(config: Any) -> Encoding:
     raise UnknownCodecError(f"unknown tensor encoding {kind!r} (known: bf16-split, raw)")
 
 
+def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int) -> str | None:
+    """Why ``nbytes`` stored bytes in ``n_chunks`` chunks cannot decode to ``size`` bytes, or None if they can.
+
+    Checked before anything of ``size`` bytes is allocated: a part decodes to at most twice its stored bytes
+    (bf16-split keeps a sign-mantissa byte per value), so a valid size is bounded by the file it lies in.
+    """
+    expected_chunks = encoding.n_chunks(size)
+    if n_chunks != expected_chunks:
+        return f"{n_chunks} chunks recorded, {expected_chunks} expected for {size} bytes"
+    dir_nbytes = n_chunks * DIRECTORY_ENTRY.itemsize
+    if isinstance(encoding, Raw):
+        if nbytes != dir_nbytes + size:
+            return f"a raw part of {size} bytes is {dir_nbytes + size} bytes stored, the manifest records {nbytes}"
+    elif size % 2 or nbytes < dir_nbytes + pad8(size // 2):
+        return f"{nbytes} stored bytes cannot hold {size} bytes of BF16 values"
+    return None
+
+
 @dataclass(frozen=True)
 class EncodedPart:
     """The bytes of one encoded part and what the manifest records about it."""
@@ -310,11 +328,9 @@ class _Layout:
     def __init__(self, buf: np.ndarray, part: PartView) -> None:
         enc = part.encoding
         dir_nbytes = part.n_chunks * DIRECTORY_ENTRY.itemsize
-        if part.n_chunks != enc.n_chunks(part.size) or dir_nbytes > part.nbytes:
-            raise FormatError(
-                f"part at file offset {part.file_offset}: {part.n_chunks} chunks recorded, "
-                f"{enc.n_chunks(part.size)} expected for {part.size} bytes"
-            )
+        problem = size_problem(enc, part.nbytes, part.size, part.n_chunks)
+        if problem:
+            raise FormatError(f"part at file offset {part.file_offset}: {problem}")
         if int(xxh64(buf, part.offset, part.offset + dir_nbytes)) != part.directory_xxh64:
             raise ChecksumError(f"chunk directory: checksum mismatch (file offset {part.file_offset})")
         self.directory = buf[part.offset : part.offset + dir_nbytes].view(DIRECTORY_ENTRY)

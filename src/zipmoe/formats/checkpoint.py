@@ -8,14 +8,16 @@ A local path that exists is always a directory; anything else that looks like ``
 from __future__ import annotations
 
 import fnmatch
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zipmoe._json import load_json
 from zipmoe.errors import CheckpointError
 from zipmoe.formats.constants import ROLE_CONFIG, ROLE_GENERATION_CONFIG, ROLE_INDEX, ROLE_TOKENIZER
+from zipmoe.formats.names import name_problem
 from zipmoe.formats.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -101,29 +103,64 @@ def open_checkpoint(source: str) -> Checkpoint:
     return _open_hub(m["repo"], m["revision"])
 
 
+def read_json_file(path: Path) -> Any:
+    """A JSON file of a checkpoint, parsed with bounded depth and number length (`zipmoe._json`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return load_json(data, lambda reason: CheckpointError(f"{path}: {reason}"))
+
+
 def _index_files(index_path: Path) -> list[str]:
     """The shard names a ``model.safetensors.index.json`` lists."""
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
-    if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
-        raise CheckpointError(f"{index_path}: weight_map must name files in the same directory")
+    index = read_json_file(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+        raise CheckpointError(f"{index_path}: not a valid safetensors index (expected a weight_map of file names)")
+    names = sorted(set(weight_map.values()))
+    for n in names:
+        if name_problem(n) or "/" in n:
+            raise CheckpointError(f"{index_path}: weight_map must name files in the same directory, got {n!r}")
     return names
+
+
+def _blob_store(root: Path) -> Path | None:
+    """The blob store of the Hugging Face cache repo that ``root`` is a snapshot of (``models--*/blobs``), if any."""
+    if root.parent.name == "snapshots" and "--" in root.parent.parent.name:
+        return root.parent.parent / "blobs"
+    return None
+
+
+def checked_file(root: Path, name: str) -> Path:
+    """``root / name``, refusing a symbolic link that leads outside ``root`` (or its Hub cache blob store).
+
+    A published checkpoint may hold links; following ``tokenizer.json -> /etc/passwd`` would embed a file of the
+    packing machine in a container meant for others.
+    """
+    path = root / name
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    allowed = [root] + [b for b in [_blob_store(root)] if b is not None]
+    if not any(target.is_relative_to(Path(os.path.realpath(a))) for a in allowed):
+        raise CheckpointError(
+            f"{path}: a symbolic link to {target}, outside the checkpoint directory (copy the file in instead)"
+        )
+    return path
 
 
 def _weight_files(root: Path) -> list[str]:
     index_path = root / INDEX_NAME
     if index_path.is_file():
         names = _index_files(index_path)
-        missing = [n for n in names if not (root / n).is_file()]
+        missing = [n for n in names if not checked_file(root, n).is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: lists {len(missing)} missing file(s), first {missing[0]!r}")
         return names
-    if (root / SINGLE_NAME).is_file():
+    if checked_file(root, SINGLE_NAME).is_file():
         return [SINGLE_NAME]
-    return sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
+    return sorted(p.name for p in root.glob("*.safetensors") if checked_file(root, p.name).is_file())
 
 
 def _open_dir(root: Path, source: CheckpointSource) -> Checkpoint:
@@ -131,14 +168,13 @@ def _open_dir(root: Path, source: CheckpointSource) -> Checkpoint:
     if not names:
         raise CheckpointError(f"{root}: no *.safetensors files (expected a Hugging Face checkpoint directory)")
     config = None
-    if (root / "config.json").is_file():
-        try:
-            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{root / 'config.json'}: not valid JSON ({exc})") from None
+    if checked_file(root, "config.json").is_file():
+        config = read_json_file(root / "config.json")
         if not isinstance(config, dict):
             raise CheckpointError(f"{root / 'config.json'}: expected a JSON object")
-    aux = sorted((p.name, role) for p in root.iterdir() if p.is_file() and (role := aux_role(p.name)))
+    aux = sorted(
+        (p.name, role) for p in root.iterdir() if (role := aux_role(p.name)) and checked_file(root, p.name).is_file()
+    )
     files = [read_safetensors_header(root / name) for name in names]
     tensors: dict[str, tuple[int, SourceTensor]] = {}
     for i, f in enumerate(files):

@@ -9,7 +9,10 @@ READABLE_VERSIONS = (1, 2)
 HEADER_NBYTES = 64
 DEFAULT_ALIGNMENT = 4096  # records (dense tensors, expert records, files) start on this boundary
 PART_ALIGNMENT = 64  # parts inside an expert record start on this boundary
-MAX_MANIFEST_NBYTES = 1 << 30  # a reader refuses larger manifests before reading them
+MAX_MANIFEST_NBYTES = 256 << 20  # a reader refuses larger manifests before reading them (DeepSeek-V3: ~40 MB)
+MAX_NDIM = 32  # dimensions of a tensor shape
+MAX_DIMENSION = 1 << 48  # one dimension of a tensor shape (torch and numpy index with int64)
+MAX_INDEX = 1 << 20  # a layer or expert number
 SUFFIX = ".zmoe"  # conventional file name suffix
 PARTIAL_SUFFIX = ".partial"  # a container being written; never a valid container
 

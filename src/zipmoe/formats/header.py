@@ -55,8 +55,11 @@ class FileHeader:
         return body + struct.pack("<Q", checksum(body))
 
     @classmethod
-    def unpack(cls, data: bytes, file_nbytes: int, name: str) -> FileHeader:
+    def unpack(cls, data: bytes, file_nbytes: int, name: str, *, unpublished: bool = False) -> FileHeader:
         """Parse and validate the header of a file of ``file_nbytes`` bytes (``name`` is used in messages).
+
+        A writer leaves the magic zero until the finished file has been checked (docs/FORMAT.md §6); with
+        ``unpublished`` such a file is read (the checksum covers the magic it will have), and only such a file.
 
         Raises:
             FormatError: not a container, an unsupported version, a truncated or inconsistent file.
@@ -64,9 +67,14 @@ class FileHeader:
         """
         if file_nbytes < HEADER_NBYTES or len(data) < HEADER_NBYTES:
             raise FormatError(f"{name}: truncated: {file_nbytes} bytes is smaller than the {HEADER_NBYTES}-byte header")
+        if unpublished:
+            if data[: len(MAGIC)] != bytes(len(MAGIC)):
+                raise FormatError(f"{name}: not an unpublished container (its magic is not zero)")
+            data = MAGIC + data[len(MAGIC) :]
         magic, version, alignment, recorded_nbytes, m_offset, m_nbytes, m_xxh64, reserved = _STRUCT.unpack_from(data)
         if magic != MAGIC:
-            raise FormatError(f"{name}: not a zipmoe container (bad magic {magic!r}, expected {MAGIC!r})")
+            unfinished = " (an unfinished file: its magic is written last)" if magic == bytes(len(MAGIC)) else ""
+            raise FormatError(f"{name}: not a zipmoe container (bad magic {magic!r}, expected {MAGIC!r}){unfinished}")
         if version not in READABLE_VERSIONS:
             readable = " and ".join(map(str, READABLE_VERSIONS))
             raise FormatError(f"{name}: unsupported format version {version} (this zipmoe reads versions {readable})")

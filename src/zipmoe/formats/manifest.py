@@ -12,9 +12,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from zipmoe._json import load_json
 from zipmoe.codecs.parts import Encoding, encoding_from_config
 from zipmoe.errors import FormatError
-from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, FORMAT_VERSION, READABLE_VERSIONS, SLICES_VERSION
+from zipmoe.formats.constants import (
+    CLASS_DENSE,
+    CLASS_EXPERT,
+    FORMAT_VERSION,
+    MAX_DIMENSION,
+    MAX_INDEX,
+    MAX_NDIM,
+    READABLE_VERSIONS,
+    SLICES_VERSION,
+)
+from zipmoe.formats.names import name_problem, normalized
 from zipmoe.quant.spec import SLICE_KINDS, SliceSpec
 
 
@@ -234,10 +245,7 @@ class Manifest:
     @classmethod
     def from_json_bytes(cls, data: bytes, name: str) -> Manifest:
         """Parse and type-check a manifest (``name`` is the container, for messages)."""
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{name}: manifest is not valid UTF-8 JSON ({exc})") from None
+        doc = load_json(data, lambda reason: FormatError(f"{name}: manifest: {reason}"))
         return _Parser(name).manifest(doc)
 
 
@@ -278,6 +286,21 @@ class _Parser:
             raise self.fail(f"{where}.{key}", f"expected a SHA-256 hex digest, got {value!r}")
         return value
 
+    def path_name(self, obj: Any, where: str) -> str:
+        """A file name that `unpack` will write: a relative POSIX path of plain components (`names.name_problem`)."""
+        value = self.get(obj, "name", str, where)
+        problem = name_problem(value)
+        if problem:
+            raise self.fail(f"{where}.name", f"unsafe file name {value!r}: {problem}")
+        return value
+
+    def index(self, obj: Any, key: str, where: str, optional: bool = False) -> int | None:
+        """A layer or expert number."""
+        value = self.get(obj, key, int, where, optional)
+        if value is not None and value >= MAX_INDEX:
+            raise self.fail(f"{where}.{key}", f"{value} is out of range (at most {MAX_INDEX - 1})")
+        return value
+
     def blob(self, obj: Any, where: str) -> Blob:
         return Blob(
             self.get(obj, "offset", int, where),
@@ -299,7 +322,7 @@ class _Parser:
             encoding_from_config(config)  # raises UnknownCodecError / FormatError
         files = tuple(
             EmbeddedFile(
-                self.get(f, "name", str, f"files[{i}]"),
+                self.path_name(f, f"files[{i}]"),
                 self.get(f, "role", str, f"files[{i}]"),
                 self.sha256(f, "sha256", f"files[{i}]"),
                 self.blob(self.get(f, "blob", dict, f"files[{i}]"), f"files[{i}].blob"),
@@ -331,25 +354,76 @@ class _Parser:
             slice_records = tuple(self.slice_record(r, f"slices.records[{i}]", tensors) for i, r in enumerate(records))
         elif version >= SLICES_VERSION:
             raise self.fail("slices", f"missing: a version {version} file holds slices")
+        self.unique_names([f.name for f in files] + [s.name for s in safetensors])
         return Manifest(
             created_by=self.get(doc, "created_by", str, where),
-            source=self.get(doc, "source", dict, where),
-            model=self.get(doc, "model", dict, where),
+            source=self.source(self.get(doc, "source", dict, where)),
+            model=self.model(self.get(doc, "model", dict, where)),
             config=config,
             encodings=encodings,
             files=files,
             safetensors=safetensors,
             tensors=tensors,
             experts=experts,
-            stats=self.get(doc, "stats", dict, where),
+            stats=self.stats(self.get(doc, "stats", dict, where)),
             slices=slices,
             slice_records=slice_records,
         )
 
+    def unique_names(self, names: list[str]) -> None:
+        """No two output files may share a name (after normalisation), nor may a file be another's directory."""
+        seen: dict[str, str] = {}
+        for name in names:
+            key = normalized(name)
+            if key in seen:
+                raise self.fail("files", f"file names {seen[key]!r} and {name!r} name the same file")
+            seen[key] = name
+        for name in names:
+            parts = normalized(name).split("/")
+            for depth in range(1, len(parts)):
+                parent = "/".join(parts[:depth])
+                if parent in seen:
+                    raise self.fail("files", f"{seen[parent]!r} is a file, but {name!r} uses it as a directory")
+
+    def source(self, source: dict[str, Any]) -> dict[str, Any]:
+        kind = self.get(source, "kind", str, "source")
+        if kind not in ("local", "hub"):
+            raise self.fail("source.kind", f"expected 'local' or 'hub', got {kind!r}")
+        self.get(source, "name", str, "source")
+        for key in ("revision", "commit"):
+            if source.get(key) is not None:
+                self.get(source, key, str, "source")
+        return source
+
+    def model(self, model: dict[str, Any]) -> dict[str, Any]:
+        for key in ("model_type", "family"):
+            if model.get(key) is not None:
+                self.get(model, key, str, "model")
+        if model.get("family") is not None:
+            self.get(model, "model_type", str, "model")
+            self.get(model, "n_layers", int, "model")
+            self.get(model, "n_experts", int, "model")
+        return model
+
+    def stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        classes = self.get(stats, "classes", dict, "stats", optional=True) or {}
+        for name, cls in classes.items():
+            where = f"stats.classes.{name}"
+            histogram = self.get(cls, "exponent_histogram", list, where, optional=True)
+            if histogram is not None and (
+                len(histogram) != 256 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in histogram)
+            ):
+                raise self.fail(f"{where}.exponent_histogram", "expected 256 non-negative integers")
+        return stats
+
     def tensor(self, t: Any, where: str, n_encodings: int) -> TensorEntry:
         shape = self.get(t, "shape", list, where)
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-            raise self.fail(f"{where}.shape", f"expected non-negative integers, got {shape}")
+        if len(shape) > MAX_NDIM or any(
+            isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DIMENSION for d in shape
+        ):
+            raise self.fail(
+                f"{where}.shape", f"expected at most {MAX_NDIM} integers from 0 to {MAX_DIMENSION}, got {shape}"
+            )
         tensor_class = self.get(t, "class", str, where)
         if tensor_class not in (CLASS_EXPERT, CLASS_DENSE):
             raise self.fail(f"{where}.class", f"expected 'expert' or 'dense', got {tensor_class!r}")
@@ -358,8 +432,8 @@ class _Parser:
             raise self.fail(f"{where}.encoding", f"index {encoding} out of range ({n_encodings} encodings)")
         parts = tuple(self.blob(p, f"{where}.parts[{j}]") for j, p in enumerate(self.get(t, "parts", list, where)))
         fused = self.get(t, "fused", bool, where, optional=True) or False
-        layer = self.get(t, "layer", int, where, optional=True)
-        expert = self.get(t, "expert", int, where, optional=True)
+        layer = self.index(t, "layer", where, optional=True)
+        expert = self.index(t, "expert", where, optional=True)
         if tensor_class == CLASS_EXPERT and (layer is None or (expert is None) == (not fused)):
             raise self.fail(where, "an expert tensor needs 'layer' and either 'expert' or 'fused'")
         if (fused and (not shape or len(parts) != shape[0])) or (not fused and len(parts) != 1):
@@ -395,7 +469,7 @@ class _Parser:
             else:
                 segments.append(("gap", self.blob(seg[1], at)))
         return SafetensorsEntry(
-            self.get(s, "name", str, where),
+            self.path_name(s, where),
             self.get(s, "nbytes", int, where),
             self.sha256(s, "sha256", where),
             self.blob(self.get(s, "header", dict, where), f"{where}.header"),
@@ -420,8 +494,8 @@ class _Parser:
             for j, m in enumerate(self.get(e, "members", list, where))
         ]
         return ExpertRecord(
-            self.get(e, "layer", int, where),
-            self.get(e, "expert", int, where),
+            self.index(e, "layer", where),
+            self.index(e, "expert", where),
             self.get(e, "offset", int, where),
             self.get(e, "nbytes", int, where),
             tuple(members),
@@ -437,8 +511,8 @@ class _Parser:
             t, p = self.member(m, at, tensors, 3)
             members.append((t, p, self.blob(m[2], f"{at}[2]")))
         return SliceRecord(
-            self.get(r, "layer", int, where),
-            self.get(r, "expert", int, where),
+            self.index(r, "layer", where),
+            self.index(r, "expert", where),
             kind,
             self.get(r, "offset", int, where),
             self.get(r, "nbytes", int, where),

@@ -18,7 +18,7 @@ import numpy as np
 
 from zipmoe._threads import Workers
 from zipmoe.codecs.checksum import checksum
-from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts
+from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts, size_problem
 from zipmoe.errors import ChecksumError, FormatError
 from zipmoe.formats.constants import CLASS_EXPERT, HEADER_NBYTES, MAX_MANIFEST_NBYTES, PART_ALIGNMENT
 from zipmoe.formats.header import FileHeader
@@ -60,19 +60,20 @@ class Container:
 
     Args:
         path: the ``.zmoe`` file.
+        unpublished: read a file whose writer has not yet published it (magic still zero; see `FileHeader`).
 
     Raises:
         FormatError: the file is missing, not a container, of an unsupported version, truncated, or inconsistent.
         ChecksumError: the header or the manifest is corrupt.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, unpublished: bool = False) -> None:
         self.path = Path(path)
         name = str(path)
         try:
             with open(self.path, "rb") as f:
                 file_nbytes = os.fstat(f.fileno()).st_size
-                self.header = FileHeader.unpack(f.read(HEADER_NBYTES), file_nbytes, name)
+                self.header = FileHeader.unpack(f.read(HEADER_NBYTES), file_nbytes, name, unpublished=unpublished)
                 if self.header.manifest_nbytes > MAX_MANIFEST_NBYTES:
                     raise FormatError(f"{name}: manifest of {self.header.manifest_nbytes} bytes exceeds the limit")
                 f.seek(self.header.manifest_offset)
@@ -107,6 +108,11 @@ class Container:
         m, h = self.manifest, self.header
         if len(self.tensors) != len(m.tensors) or len(self.experts) != len(m.experts):
             raise FormatError(f"{name}: manifest has duplicate tensor names or expert records")
+        raw = self.encodings[self.raw_encoding_index]
+        for label, blob, encoding in m.blobs():
+            self._check_sizes(name, label, blob, raw if encoding is None else self.encodings[encoding])
+        for label, blob in m.slice_blobs():
+            self._check_sizes(name, label, blob, raw)
         data_end = h.manifest_offset
 
         def check_range(label: str, offset: int, nbytes: int, alignment: int) -> None:
@@ -197,6 +203,13 @@ class Container:
             if b_start < a_end:
                 raise FormatError(f"{name}: {b_label} overlaps {a_label}")
         self.regions = regions
+
+    @staticmethod
+    def _check_sizes(name: str, label: str, blob: Blob, encoding: Encoding) -> None:
+        """A blob's decoded size follows from its stored bytes, so nothing larger than the file is ever allocated."""
+        problem = size_problem(encoding, blob.nbytes, blob.size, blob.n_chunks)
+        if problem:
+            raise FormatError(f"{name}: {label}: {problem}")
 
     def _validate_slice_record(self, name: str, rec: SliceRecord, check_range, regions: list) -> None:
         label = f"{rec.kind.upper()} slice record (layer {rec.layer}, expert {rec.expert})"

@@ -9,7 +9,6 @@ largest tensor, whatever the size of the checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from zipmoe._json import load_json
 from zipmoe.errors import CheckpointError
+from zipmoe.formats.constants import MAX_DIMENSION, MAX_NDIM
 
 MAX_HEADER_NBYTES = 100_000_000  # as the safetensors reference implementation
 
@@ -115,10 +116,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not UTF-8 JSON ({exc})") from None
+    header = load_json(raw, lambda reason: _corrupt(path, f"header is {reason}"))
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -147,7 +145,11 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, data_nbytes
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise _corrupt(path, f"tensor {name!r} has no dtype")
-    if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DIMENSION for d in shape)
+    ):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)

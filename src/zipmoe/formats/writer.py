@@ -1,8 +1,10 @@
 """Writing a container: an explicit state machine that publishes atomically.
 
-Bytes go to ``OUT.partial`` (an interrupted run leaves only that, which is never a valid container and which the
-next run overwrites). `ContainerWriter.finish` writes the manifest, then the header, fsyncs, lets the caller check
-the finished file, and only then renames it to ``OUT``. Padding is always zero bytes, so the same input gives the
+Bytes go to ``OUT.partial``, held under an exclusive lock (`zipmoe._partial`): a second writer of the same output
+is refused, and what an interrupted run left is overwritten by the next. `ContainerWriter.finish` writes the
+manifest, then the header with its magic still zero, fsyncs, lets the caller check the finished file, and only
+then writes the magic and renames the file to ``OUT``: a partial file, wherever it was interrupted, never has the
+magic of a container. Padding is always zero bytes, so the same input gives the
 same file. Record bytes are written by a background thread, one record behind the caller, so writing overlaps
 the encoding of the next record while memory holds at most two records.
 """
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from zipmoe._partial import fsync_dir, open_locked, partial_path
 from zipmoe.codecs.checksum import checksum
 from zipmoe.errors import OutputError
-from zipmoe.formats.constants import DEFAULT_ALIGNMENT, HEADER_NBYTES, PART_ALIGNMENT, PARTIAL_SUFFIX
+from zipmoe.formats.constants import DEFAULT_ALIGNMENT, HEADER_NBYTES, MAGIC, PART_ALIGNMENT
 from zipmoe.formats.header import FileHeader
 from zipmoe.formats.manifest import Manifest
 
@@ -29,10 +32,6 @@ class WriterState(enum.Enum):
     RECORD = "record"  # inside an expert or slice record
     FINISHED = "finished"
     ABORTED = "aborted"
-
-
-def partial_path(path: Path) -> Path:
-    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 class ContainerWriter:
@@ -49,10 +48,13 @@ class ContainerWriter:
         self.path = path
         self.tmp_path = partial_path(path)
         self.alignment = alignment
+        fd = open_locked(self.tmp_path, directory=False)
         try:
-            self._file = open(self.tmp_path, "wb")  # truncates what an interrupted run left
+            os.ftruncate(fd, 0)  # what an interrupted run left
         except OSError as exc:
+            os.close(fd)
             raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
+        self._file = os.fdopen(fd, "wb")
         self._position = 0
         self._record_start = 0
         self._io = ThreadPoolExecutor(1, thread_name_prefix="zipmoe-write")
@@ -123,9 +125,10 @@ class ContainerWriter:
     # -- publishing -------------------------------------------------------------------------------------------------
 
     def finish(self, manifest: Manifest, check: Callable[[Path], None] | None = None) -> Path:
-        """Write manifest and header, fsync, run ``check(tmp_path)``, then rename to the final path.
+        """Write manifest and header (magic zero), fsync, run ``check(tmp_path)``, write the magic, rename.
 
-        If ``check`` raises, nothing is published and the partial file is removed.
+        ``check`` opens the file with ``Container(path, unpublished=True)``. If it raises, nothing is published and
+        the partial file is removed.
         """
         self._expect(WriterState.DATA)
         self._pad_to(self.alignment)
@@ -143,24 +146,31 @@ class ContainerWriter:
         try:
             self._drain()
             self._io.shutdown(wait=True)
-            self._file.seek(0)
-            self._file.write(header.pack())
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._write_at(0, bytes(len(MAGIC)) + header.pack()[len(MAGIC) :])
         except OSError as exc:
             self.abort()
             raise OutputError(f"cannot write {self.tmp_path}: {exc.strerror or exc}") from None
         try:
             if check is not None:
                 check(self.tmp_path)
-            os.replace(self.tmp_path, self.path)
-            _fsync_dir(self.path.parent)
+            self._write_at(0, MAGIC)
+            os.replace(self.tmp_path, self.path)  # still locked: the lock moves with the file
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         except BaseException:
             self.abort()
             raise
         self.state = WriterState.FINISHED
+        self._file.close()
         return self.path
+
+    def _write_at(self, offset: int, data: bytes) -> None:
+        self._file.seek(offset)
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def abort(self) -> None:
         """Close and delete the partial file (idempotent)."""
@@ -168,16 +178,17 @@ class ContainerWriter:
             return
         self.state = WriterState.ABORTED
         self._io.shutdown(wait=True, cancel_futures=True)
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        try:
+        try:  # removed while still locked, so that no other writer can have opened it meanwhile
             self.tmp_path.unlink()
         except FileNotFoundError:
             pass
         except OSError as exc:  # pragma: no cover - nothing better to do while failing
             raise OutputError(f"cannot remove {self.tmp_path}: {exc.strerror or exc}") from None
+        finally:
+            try:
+                self._file.close()
+            except OSError:
+                pass
 
     def __enter__(self) -> ContainerWriter:
         return self
@@ -185,16 +196,3 @@ class ContainerWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self.state not in (WriterState.FINISHED, WriterState.ABORTED):
             self.abort()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
