@@ -179,3 +179,13 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         main(list(args))
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """A CLI failure as users must see it: exit status 1 and one line ``Error: ...`` holding every fragment."""
+    assert code == 1
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err and "internal error" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

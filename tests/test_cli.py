@@ -4,17 +4,8 @@ import json
 
 import pytest
 
-from conftest import copy_of, run_cli
+from conftest import assert_one_line_error, copy_of, run_cli
 from zipmoe.formats.reader import Container
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 1
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_version(capsys):

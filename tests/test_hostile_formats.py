@@ -1,0 +1,364 @@
+"""Hostile containers and checkpoints: each attack is built first (checksums recomputed), then refused cleanly.
+
+Covers names that would write outside `unpack`'s output, sizes and shapes that would allocate before the bytes exist,
+JSON nested or numbered to crash a parser, informational fields of the wrong type, symbolic links out of a
+checkpoint, concurrent and interrupted writers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, copy_of, rewrite_manifest, run_cli, write_safetensors
+from zipmoe._partial import open_locked, partial_path
+from zipmoe.codecs.checksum import checksum
+from zipmoe.errors import CheckpointError, FormatError, OutputError
+from zipmoe.formats.constants import HEADER_NBYTES
+from zipmoe.formats.header import FileHeader
+from zipmoe.formats.reader import Container
+from zipmoe.pack import pack
+from zipmoe.unpack import _target, unpack
+from zipmoe.verify import verify
+
+
+@pytest.fixture(scope="module")
+def packed(checkpoints) -> Path:
+    return checkpoints.packed(checkpoints.demo("tiny"))
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    """A directory beside the output that no command may write into."""
+    path = tmp_path / "victim"
+    path.mkdir()
+    return path
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def rewrite_manifest_text(path: Path, edit) -> None:
+    """Like `rewrite_manifest`, on the manifest's text (for JSON that `json` itself cannot write)."""
+    data = bytearray(path.read_bytes())
+    header = FileHeader.unpack(bytes(data[:HEADER_NBYTES]), len(data), str(path))
+    manifest = edit(bytes(data[header.manifest_offset :]).decode()).encode()
+    new_header = FileHeader(header.alignment, header.manifest_offset + len(manifest), header.manifest_offset,
+                            len(manifest), checksum(manifest), header.format_version)  # fmt: skip
+    path.write_bytes(new_header.pack() + bytes(data[HEADER_NBYTES : header.manifest_offset]) + manifest)
+
+
+# -- names -------------------------------------------------------------------------------------------------------
+
+BAD_NAMES = [
+    "../escaped.sh", "../../../escaped.sh", "a/../../escaped.sh", "/tmp/zipmoe-absolute.sh", "", ".", "..", "a//b",
+    "./config.json", "a/./b", "dir/", "a\\..\\b", "nul\x00byte", "new\nline", "esc\x1b[31m", "x" * 300,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize("section", ["files", "safetensors"])
+def test_unsafe_names_are_refused_by_every_command(capsys, packed, tmp_path, victim, section, name):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, lambda d: d[section][0].update(name=name))
+    with pytest.raises(FormatError, match=f"manifest {section}\\[0\\].name: unsafe file name"):
+        Container(container)
+    before = files_under(tmp_path)
+    for command in (["verify"], ["inspect"], ["unpack", "-o", str(tmp_path / "out"), "--force"], ["run", "--help"]):
+        if command[0] == "run":
+            code, _, err = run_cli(capsys, "run", str(container), "Hello", "-n", "1", "--device", "cpu")
+        else:
+            code, _, err = run_cli(capsys, command[0], str(container), *command[1:])
+        assert_one_line_error(code, err, "unsafe file name")
+    assert files_under(tmp_path) == before and not Path("/tmp/zipmoe-absolute.sh").exists()
+
+
+@pytest.mark.parametrize("names", [["config.json", "CONFIG.json"], ["config.json", "config.json/x"]])
+def test_names_that_collide_are_refused(packed, tmp_path, names):
+    container = copy_of(packed, tmp_path)
+
+    def collide(doc):
+        doc["files"][0]["name"], doc["files"][1]["name"] = names
+
+    rewrite_manifest(container, collide)
+    with pytest.raises(FormatError, match="name the same file|uses it as a directory"):
+        Container(container)
+
+
+def test_unpack_checks_every_target_itself(tmp_path, victim):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("../victim/x", "/abs/x", "a/../../x"):
+        with pytest.raises(OutputError, match="refusing to write"):
+            _target(out, name)
+    (out / "sub").symlink_to(victim, target_is_directory=True)
+    with pytest.raises(OutputError, match="resolves outside"):
+        _target(out, "sub/x.json")
+    (out / "real").mkdir()
+    (out / "inner").symlink_to(out / "real", target_is_directory=True)
+    with pytest.raises(OutputError, match="inner is a symbolic link"):
+        _target(out, "inner/x.json")
+
+
+def test_unpack_never_writes_through_a_symlink_in_the_output(packed, tmp_path, victim):
+    out = tmp_path / "out"
+    out.mkdir()
+    precious = victim / "precious"
+    precious.write_text("keep me")
+    (out / "config.json").symlink_to(precious)
+    with pytest.raises(OutputError, match="exists"):
+        unpack(packed, out)
+    unpack(packed, out, force=True)
+    assert precious.read_text() == "keep me"
+    assert not (out / "config.json").is_symlink() and json.loads((out / "config.json").read_text())
+
+
+def test_a_failed_unpack_leaves_nothing_and_the_rerun_needs_no_force(packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    with Container(container) as c:
+        last = max((t.parts[0] for t in c.manifest.tensors), key=lambda b: b.offset)
+    data = bytearray(container.read_bytes())
+    data[last.offset + last.nbytes // 2] ^= 1  # the last tensor written: config and tokenizer come first
+    container.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        unpack(container, out)
+    assert not out.exists() and not partial_path(out).exists()
+    partial_path(out).mkdir()
+    (partial_path(out) / "config.json").write_text("left by a killed run")
+    unpack(packed, out)
+    assert not partial_path(out).exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_locked_output_is_refused(packed, tmp_path):
+    out = tmp_path / "out"
+    fd = open_locked(partial_path(out), directory=True)
+    try:
+        with pytest.raises(OutputError, match="locked: another zipmoe process is writing"):
+            unpack(packed, out)
+    finally:
+        os.close(fd)
+    unpack(packed, out)
+
+
+# -- sizes, shapes, counts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [10**15, 2**60, 2**64 + 5])
+@pytest.mark.parametrize("where", ["file", "tensor"])
+def test_sizes_are_proven_before_anything_is_allocated(capsys, packed, tmp_path, size, where):
+    container = copy_of(packed, tmp_path)
+
+    def grow(doc):
+        blob = doc["files"][0]["blob"] if where == "file" else doc["tensors"][0]["parts"][0]
+        blob["size"] = size
+
+    rewrite_manifest(container, grow)
+    for command in (["verify"], ["inspect"], ["unpack", "-o", str(tmp_path / "out")]):
+        code, _, err = run_cli(capsys, command[0], str(container), *command[1:])
+        assert_one_line_error(code, err, "chunks recorded")
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [([0, 2**63], "expected at most 32 integers from 0 to"), ([1] * 40, "expected at most 32"), ([-1], "from 0")],
+)
+def test_absurd_shapes_are_refused(packed, tmp_path, shape, message):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, lambda d: d["tensors"][0].update(shape=shape))
+    with pytest.raises(FormatError, match=message):
+        Container(container)
+
+
+def test_layer_numbers_are_bounded(packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, lambda d: d["experts"][0].update(layer=10**12))
+    with pytest.raises(FormatError, match="out of range"):
+        Container(container)
+
+
+# -- JSON that crashes parsers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+        (lambda t: t.replace('"stats":{', '"stats":{"big":' + "9" * 5000 + ",", 1), "a number of 5000 characters"),
+        (lambda t: t.replace('"stats":{', '"stats":{"nan":NaN,', 1), "NaN is not JSON"),
+        (lambda t: t[:10] + "\udcff" + t[10:], "not UTF-8 JSON"),
+    ],
+)
+def test_manifest_json_bombs(capsys, packed, tmp_path, edit, message):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest_text(container, lambda text: edit(text).encode("utf-8", "surrogateescape").decode("latin-1"))
+    code, _, err = run_cli(capsys, "inspect", str(container))
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t[:-1] + ',"deep":' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+        (lambda t: t[:-1] + ',"big":' + "1" * 5000 + "}", "a number of 5000 characters"),
+    ],
+)
+@pytest.mark.parametrize("target", ["config.json", "model.safetensors"])
+def test_checkpoint_json_bombs(checkpoints, tmp_path, edit, message, target):
+    source = copy_of(checkpoints.demo("tiny"), tmp_path)
+    if target == "config.json":
+        path = source / "config.json"
+        path.write_text(edit(path.read_text()))
+    else:
+        path = source / "model.safetensors"
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = edit(data[8 : 8 + n].decode().rstrip()).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
+    with pytest.raises(CheckpointError, match=message):
+        pack(str(source), tmp_path / "m.zmoe")
+
+
+# -- informational fields ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["source"].update(kind=5), "source.kind"),
+        (lambda d: d["source"].pop("name"), "missing field 'name'"),
+        (lambda d: d["model"].update(n_layers="two"), "model.n_layers"),
+        (lambda d: d["model"].update(model_type=["x"]), "model.model_type"),
+        (lambda d: d["stats"].update(classes=[]), "stats.classes"),
+        (lambda d: d["stats"]["classes"]["expert"].update(exponent_histogram=[1, 2]), "256 non-negative"),
+    ],
+)
+def test_inspect_reads_only_validated_fields(capsys, packed, tmp_path, mutate, message):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, mutate)
+    code, _, err = run_cli(capsys, "inspect", str(container))
+    assert_one_line_error(code, err, message)
+
+
+def test_markup_in_names_is_printed_as_text(capsys, packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, lambda d: d["files"][0].update(name="[/red]x\x07"))
+    code, _, err = run_cli(capsys, "inspect", str(container))
+    assert_one_line_error(code, err, "[/red]x")
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def test_symlinks_out_of_a_checkpoint_are_refused(checkpoints, tmp_path, victim):
+    source = copy_of(checkpoints.demo("tiny"), tmp_path)
+    secret = victim / "secret.txt"
+    secret.write_text("not for publishing")
+    (source / "tokenizer.json").unlink()
+    (source / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="tokenizer.json: a symbolic link to .*secret.txt, outside"):
+        pack(str(source), tmp_path / "m.zmoe")
+    (source / "tokenizer.json").unlink()
+    shutil.copy(checkpoints.demo("tiny") / "tokenizer.json", source / "real-tokenizer.json")
+    (source / "tokenizer.json").symlink_to("real-tokenizer.json")  # inside the directory: followed
+    pack(str(source), tmp_path / "m.zmoe")
+
+
+def test_index_naming_a_file_outside_is_refused(checkpoints, tmp_path):
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    write_safetensors(source / "a.safetensors", {"w": ("F32", [1], b"\0" * 4)})
+    index = {"metadata": {}, "weight_map": {"w": "../a.safetensors"}}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="must name files in the same directory"):
+        pack(str(source), tmp_path / "m.zmoe")
+
+
+# -- writers -----------------------------------------------------------------------------------------------------
+
+
+def test_a_partial_file_never_opens_even_when_complete(checkpoints, tmp_path, monkeypatch):
+    """A pack killed while it reads its finished file back leaves a complete file: its magic is still zero."""
+    import zipmoe.pack as pack_module
+
+    snapshot = tmp_path / "snapshot.zmoe"
+    real = pack_module._check_written
+
+    def check_and_snapshot(path, workers):
+        shutil.copy(path, snapshot)  # the file as a SIGKILL at this moment would leave it
+        real(path, workers)
+
+    monkeypatch.setattr(pack_module, "_check_written", check_and_snapshot)
+    pack(str(checkpoints.demo("tiny")), tmp_path / "m.zmoe")
+    with pytest.raises(FormatError, match="unfinished file: its magic is written last"):
+        verify(snapshot)
+    assert verify(tmp_path / "m.zmoe").ok
+
+
+def test_a_second_writer_of_the_same_output_is_refused(checkpoints, tmp_path):
+    out = tmp_path / "m.zmoe"
+    fd = open_locked(partial_path(out), directory=False)
+    try:
+        with pytest.raises(OutputError, match="locked: another zipmoe process is writing m.zmoe"):
+            pack(str(checkpoints.demo("tiny")), out)
+    finally:
+        os.close(fd)
+    assert not out.exists()
+
+
+def _zipmoe(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zipmoe", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def test_concurrent_packs_one_wins_cleanly(checkpoints, tmp_path):
+    source = str(checkpoints.demo("small"))
+    out = tmp_path / "m.zmoe"
+    for _ in range(2):
+        runs = [_zipmoe("pack", source, "-o", str(out), "--force", "--quiet") for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in runs]
+        for code, err in results:
+            assert code in (0, 1) and "Traceback" not in err, err  # never a signal (SIGBUS) or a crash
+            assert code == 0 or "locked: another zipmoe process is writing" in err, err
+        assert any(code == 0 for code, _ in results)
+        assert verify(out).ok
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_sigkill_leaves_nothing_that_looks_valid(checkpoints, tmp_path, command):
+    source = checkpoints.demo("small")
+    container = checkpoints.packed(source)
+    out = tmp_path / ("m.zmoe" if command == "pack" else "out")
+    args = [str(source), "-o", str(out)] if command == "pack" else [str(container), "-o", str(out)]
+    for delay in (0.3, 1.0, 2.0, 3.0):
+        run = _zipmoe(command, *args, "--quiet", "--force")
+        time.sleep(delay)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        if command == "pack":
+            assert not out.exists() or verify(out).ok  # published only when complete
+            if partial_path(out).exists():
+                with pytest.raises(FormatError):
+                    verify(partial_path(out))
+        elif out.exists():  # published whole, or not at all
+            assert_same_files(out, source)
+    rerun = _zipmoe(command, *args, "--quiet", "--force")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read().decode()
+    if command == "pack":
+        assert verify(out).ok
+    else:
+        assert_same_files(out, source)
+
+
+def assert_same_files(out: Path, source: Path) -> None:
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in source.iterdir())
+    assert all((out / n).read_bytes() == (source / n).read_bytes() for n in names)
