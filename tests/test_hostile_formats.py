@@ -362,3 +362,14 @@ def assert_same_files(out: Path, source: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in source.iterdir())
     assert all((out / n).read_bytes() == (source / n).read_bytes() for n in names)
+
+
+def test_pack_warns_about_a_config_run_would_refuse(checkpoints, tmp_path):
+    source = copy_of(checkpoints.demo("tiny"), tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    config["num_experts_per_tok"] = 0
+    (source / "config.json").write_text(json.dumps(config))
+    warnings = []
+    result = pack(str(source), tmp_path / "m.zmoe", warn=warnings.append)
+    assert warnings == list(result.warnings)
+    assert any("num_experts_per_tok" in w and "zipmoe run will refuse this container" in w for w in warnings)

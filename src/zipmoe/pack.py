@@ -51,6 +51,7 @@ from zipmoe.formats.reader import Container
 from zipmoe.formats.safetensors_file import SourceTensor
 from zipmoe.formats.writer import ContainerWriter
 from zipmoe.quant.amat import quantize_tensor
+from zipmoe.runtime.config import SUPPORTED, config_problems
 from zipmoe.quant.spec import LSB, MSB, SliceError, SliceSpec
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just processed
@@ -189,7 +190,8 @@ def pack(
     layout = classify(checkpoint.config, [t for _, t in checkpoint.tensors.values()])
     if options.slices is not None:
         _check_sliceable(checkpoint, layout, options.slices)
-    for message in layout.warnings:
+    warnings = layout.warnings + _config_warnings(checkpoint.config)
+    for message in warnings:
         if warn:
             warn(message)
     total = checkpoint.n_bytes + sum(f.header_nbytes for f in checkpoint.files)
@@ -211,9 +213,16 @@ def pack(
         container_bytes=container_bytes,
         stats=manifest.stats["classes"],
         seconds=time.perf_counter() - started,
-        warnings=layout.warnings,
+        warnings=warnings,
         verified=options.verify,
     )
+
+
+def _config_warnings(config: dict[str, Any] | None) -> tuple[str, ...]:
+    """What `zipmoe run` will refuse in the ``config.json`` of a family it serves (pack stores the file anyway)."""
+    if not config or config.get("model_type") not in SUPPORTED:
+        return ()
+    return tuple(f"config.json: {p}; zipmoe run will refuse this container" for p in config_problems(config))
 
 
 def _check_sliceable(checkpoint: Checkpoint, layout: ModelLayout, spec: SliceSpec) -> None:
