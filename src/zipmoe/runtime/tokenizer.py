@@ -1,21 +1,28 @@
 """The tokenizer and chat template embedded in a container, without transformers.
 
-``tokenizer.json`` is loaded with the ``tokenizers`` library; the chat template comes from
-``tokenizer_config.json`` (``chat_template``) or ``chat_template.jinja`` and is rendered with Jinja2, with the
-same variables transformers passes (``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``).
+``tokenizer.json`` is loaded with the ``tokenizers`` library. The chat template comes from ``chat_template.jinja``,
+else ``tokenizer_config.json`` (``chat_template``), else ``chat_template.json``, and is rendered as transformers renders
+it, with the same variables, in a sandbox that bounds its size and time (see `zipmoe.runtime.chat_template`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from zipmoe._json import load_json
 from zipmoe.errors import FormatError, ZipmoeError
 from zipmoe.formats.reader import Container
 
+if TYPE_CHECKING:
+    from zipmoe.runtime.chat_template import ChatTemplate
+
+# The special tokens transformers passes to chat templates, those the tokenizer config sets.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
 
 class TokenizerError(ZipmoeError, ValueError):
-    """The container's tokenizer cannot be used as asked."""
+    """The container's tokenizer or chat template cannot be used as asked."""
 
 
 def _token_text(value: Any) -> str | None:
@@ -27,7 +34,19 @@ def _token_text(value: Any) -> str | None:
 class TextTokenizer:
     """Encode prompts and decode generated tokens with the tokenizer embedded in a container."""
 
-    def __init__(self, tokenizer_json: str, config: dict[str, Any] | None, chat_template: str | None) -> None:
+    def __init__(
+        self, tokenizer_json: str, config: dict[str, Any] | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        """Load a tokenizer.
+
+        Args:
+            tokenizer_json: the text of ``tokenizer.json``.
+            config: ``tokenizer_config.json``, parsed.
+            files: the embedded template files, by name (``chat_template.jinja``, ``chat_template.json``).
+
+        Raises:
+            TokenizerError: ``tokenizer.json`` cannot be loaded. A bad chat template fails only when it is used.
+        """
         from tokenizers import Tokenizer
 
         try:
@@ -35,15 +54,25 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises its own exception type for malformed files
             raise TokenizerError(f"tokenizer.json cannot be loaded ({exc})") from None
         self.config = config or {}
-        self.chat_template = chat_template or self.config.get("chat_template")
-        if isinstance(self.chat_template, list):  # named templates: use "default"
-            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
-            self.chat_template = named.get("default")
-        self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
+        files = files or {}
+        # (origin, value): the file's bytes or the config's value, compiled on first use
+        self.template_source: tuple[str, Any] | None = None
+        if "chat_template.jinja" in files:
+            self.template_source = ("chat_template.jinja", files["chat_template.jinja"])
+        elif self.config.get("chat_template") is not None:
+            self.template_source = ("tokenizer_config.json", self.config["chat_template"])
+        elif "chat_template.json" in files:
+            self.template_source = ("chat_template.json", files["chat_template.json"])
+        self._chat_template: ChatTemplate | None = None
 
     @classmethod
     def from_container(cls, container: Container) -> TextTokenizer:
+        """The tokenizer embedded in ``container``.
+
+        Raises:
+            TokenizerError: no ``tokenizer.json``, or one that cannot be loaded.
+            FormatError: ``tokenizer_config.json`` is not a JSON object.
+        """
         names = {f.name for f in container.manifest.files}
         if "tokenizer.json" not in names:
             raise TokenizerError(
@@ -52,36 +81,52 @@ class TextTokenizer:
             )
         config = None
         if "tokenizer_config.json" in names:
-            try:
-                config = json.loads(container.read_file("tokenizer_config.json"))
-            except ValueError as exc:
-                raise FormatError(f"{container.path}: tokenizer_config.json is not valid JSON ({exc})") from None
-        template = container.read_file("chat_template.jinja").decode() if "chat_template.jinja" in names else None
-        return cls(container.read_file("tokenizer.json").decode(), config, template)
+            config = load_json(
+                container.read_file("tokenizer_config.json"),
+                lambda reason: FormatError(f"{container.path}: tokenizer_config.json: {reason}"),
+            )
+            if not isinstance(config, dict):
+                raise FormatError(
+                    f"{container.path}: tokenizer_config.json: expected a JSON object, got {type(config).__name__}"
+                )
+        files = {name: container.read_file(name) for name in TEMPLATE_FILES if name in names}
+        return cls(container.read_file("tokenizer.json").decode(), config, files)
 
     def encode(self, text: str, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt; with ``chat`` the prompt is one user message through the chat template."""
         if chat:
-            if not self.chat_template:
+            if self.template_source is None:
                 raise TokenizerError("the tokenizer has no chat template; run without --chat")
             text = self.apply_chat_template([{"role": "user", "content": text}])
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text).ids
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for ``messages``, as transformers' ``apply_chat_template(..., tokenize=False)`` renders it.
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        Raises:
+            TokenizerError: no chat template, or one that cannot be compiled or rendered (one line naming it).
+        """
+        from zipmoe.runtime.chat_template import ChatTemplate
 
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"chat template: {message}")
-
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+        if self._chat_template is None:
+            if self.template_source is None:
+                raise TokenizerError("the tokenizer has no chat template")
+            self._chat_template = ChatTemplate(*self.template_source)
+        tokens = {name: _token_text(self.config.get(name)) for name in SPECIAL_TOKENS}
+        return self._chat_template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            documents=documents,
+            **{name: token for name, token in tokens.items() if token is not None},
         )
 
     def decode(self, ids: list[int]) -> str:
