@@ -27,6 +27,7 @@ from zipmoe.errors import ZipmoeError
 from zipmoe.formats.reader import Container
 from zipmoe.quant.spec import SliceSpec
 from zipmoe.runtime.engine import Engine, EngineOptions, available_modes, resolve_mode
+from zipmoe.runtime.generate import PromptError, check_token_ids
 
 DEFAULT_CONTEXT = 512
 
@@ -95,7 +96,8 @@ def perplexity(
         progress: called after each window.
 
     Raises:
-        ZipmoeError: the text has fewer than two tokens; a mode the container cannot serve (before any runs).
+        ZipmoeError: the text has fewer than two tokens; a mode the container cannot serve (before any runs);
+            ``context`` exceeds the model's context.
     """
     with Container(path) as c:
         for mode in modes:
@@ -106,14 +108,23 @@ def perplexity(
     for mode in modes:
         with Engine(path, replace(options, mode=mode)) as engine:
             if batches is None:
-                ids = engine.tokenizer.encode(text)
-                batches = [w for w in windows(ids, context, max_tokens) if len(w) > 1]
-                if not batches:
-                    raise ZipmoeError("the evaluation text has fewer than two tokens")
+                batches = _batches(engine, text, context, max_tokens)
                 if progress_start:
                     progress_start(len(batches) * len(modes))
             results.append(_score(engine, mode, batches, progress))
     return results
+
+
+def _batches(engine: Engine, text: str, context: int, max_tokens: int | None) -> list[list[int]]:
+    """The text's windows of token ids, checked against the model's context and vocabulary."""
+    if context > engine.args.context:
+        raise PromptError(f"--context {context} exceeds the model's context of {engine.args.context} tokens")
+    ids = engine.tokenizer.encode(text)
+    check_token_ids(ids, engine.args.vocab_size)
+    batches = [w for w in windows(ids, context, max_tokens) if len(w) > 1]
+    if not batches:
+        raise ZipmoeError("the evaluation text has fewer than two tokens")
+    return batches
 
 
 def _score(engine: Engine, mode: str, batches: list[list[int]], progress: Callable[[int], None] | None):

@@ -51,8 +51,8 @@ from zipmoe.formats.reader import Container
 from zipmoe.formats.safetensors_file import SourceTensor
 from zipmoe.formats.writer import ContainerWriter
 from zipmoe.quant.amat import quantize_tensor
-from zipmoe.runtime.config import SUPPORTED, config_problems
 from zipmoe.quant.spec import LSB, MSB, SliceError, SliceSpec
+from zipmoe.runtime.config import SUPPORTED, config_problems
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just processed
 _HASH_BLOCK = 8 << 20

@@ -99,29 +99,42 @@ def command(
         bool, typer.Option("--chat", help="Wrap the prompt as a user message with the chat template.")
     ] = False,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the end-of-sequence token.")] = False,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            "--truncate",
+            help="Keep the last prompt tokens that leave room for --max-new-tokens in the model's context "
+            "(default: a prompt that does not fit is an error).",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Generate text from a container, holding only part of its experts in memory."""
-    from zipmoe.runtime.engine import Engine, EngineOptions, expert_bytes_summary
+    from zipmoe.runtime.engine import Engine, EngineOptions, check_prompt, expert_bytes_summary
     from zipmoe.runtime.generate import SamplingOptions
     from zipmoe.runtime.slice_cache import SliceStats
 
-    if not prompt.strip():
-        raise ZipmoeError("the prompt is empty")
+    check_prompt(prompt)
     if not Path(container).is_file():
         raise ZipmoeError(f"{container}: no such file")
-    prepare_codecs(quiet=json_output)
     options = EngineOptions(
         device, dtype, memory_budget, decoded_fraction, threads, simulate_storage, mode, critical_threshold, warmup
     )
-    sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos)
+    sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos, truncate=truncate)
+    prepare_codecs(quiet=json_output)
     with Engine(container, options) as engine:
         on_text = None if json_output else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         text, result = engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
         stats = engine.cache.stats
+        if result.dropped_tokens:
+            stderr.print(
+                f"[yellow]Warning:[/yellow] --truncate: the prompt's first {result.dropped_tokens} tokens were left "
+                f"out; the model saw its last {result.prompt_tokens} (context {engine.args.context} tokens)"
+            )
         doc = {
             "text": text,
             "prompt_tokens": result.prompt_tokens,
+            "dropped_prompt_tokens": result.dropped_tokens,
             "new_tokens": len(result.tokens),
             "ttft_seconds": result.ttft,
             "tpot_seconds": result.tpot,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -9,24 +10,28 @@ from typing import Any
 
 import torch
 
+from zipmoe._json import load_json
 from zipmoe._threads import available_cpus
-from zipmoe.errors import ZipmoeError
+from zipmoe.errors import FormatError, ZipmoeError
 from zipmoe.formats.constants import CLASS_DENSE
 from zipmoe.formats.reader import Container
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.cache import BudgetError, ExpertCache, minimum_budget
-from zipmoe.runtime.config import ModelArgs
-from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
+from zipmoe.runtime.config import ModelArgs, read_token_ids
+from zipmoe.runtime.generate import GenerationResult, PromptError, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
-from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD, SliceCache, minimum_slice_budget
+from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD, WARMUPS, SliceCache, minimum_slice_budget
 from zipmoe.runtime.slices import SliceStore, base_transform
 from zipmoe.runtime.store import ExpertStore, StorageThrottle
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
-from zipmoe.runtime.weights import to_tensor
+from zipmoe.runtime.weights import check_tensors, to_tensor
 
 # The whole budget decoded by default: on the benchmark (docs/BENCHMARKS.md) a compressed tier's hits cost a decode
 # that, at 1.25-3.5 GB/s storage, is worth less than the decoded capacity the tier takes (CPU and GPU alike).
 DEFAULT_DECODED_FRACTION = 1.0
+# Slower simulated storage would turn one expert read into hours of sleep.
+MIN_STORAGE_GBPS = 1e-3
+MAX_SIZE = 2**63  # bytes: the largest size `parse_size` accepts (8 EiB: beyond any memory)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
           "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
@@ -57,8 +62,13 @@ def resolve_mode(mode: str, spec: SliceSpec | None) -> tuple[str, int | None]:
     if mode == "lossless" or base:
         return "lossless", int(base[1]) if base else None
     offered = available_modes(spec)
-    if spec is None:
+    if spec is None and re.fullmatch(r"dbsc|q[1-8](-trunc)?", mode):
         raise ModeError(f"--mode {mode}: this container holds no AMAT slices (pack it with --slices 8:4)")
+    if spec is None:
+        raise ModeError(
+            f"unknown mode {mode!r} (choose lossless or qN-base; q8, q4 and dbsc need a container packed with "
+            "--slices 8:4)"
+        )
     names = {"dbsc": "dbsc", f"q{spec.high_bits}": "high", f"q{spec.low_bits}": "low",
              f"q{spec.low_bits}-trunc": "trunc"}  # fmt: skip
     if mode not in names:
@@ -75,10 +85,28 @@ def parse_size(text: str, *, percent_of: int | None = None) -> int:
     if unit == "%":
         if percent_of is None:
             raise BudgetError("a percentage needs something to be a percentage of")
-        return int(number / 100 * percent_of)
-    if unit not in _UNITS:
+        size = number / 100 * percent_of
+    elif unit in _UNITS:
+        size = number * _UNITS[unit]
+    else:
         raise BudgetError(f"unknown size unit {m[2]!r} in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
-    return int(number * _UNITS[unit])
+    if not size <= MAX_SIZE:  # also inf and nan, from a number too long for a float
+        raise BudgetError(f"size {_short(text)} is too large (at most 2**63 bytes)")
+    return int(size)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def check_prompt(prompt: str) -> None:
+    """Raise `PromptError` for a prompt that is empty or not valid UTF-8."""
+    if not prompt.strip():
+        raise PromptError("the prompt is empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 arrive from argv as lone surrogates
+        raise PromptError("the prompt is not valid UTF-8") from None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -148,6 +176,20 @@ class EngineOptions:
     critical_threshold: float = DEFAULT_THRESHOLD
     warmup: str = "pcw"
 
+    def __post_init__(self) -> None:
+        gbps = self.simulate_storage_gbps
+        if gbps is not None and not (math.isfinite(gbps) and gbps >= MIN_STORAGE_GBPS):
+            raise BudgetError(
+                f"--simulate-storage must be a finite positive bandwidth of at least {MIN_STORAGE_GBPS:g} GB/s, "
+                f"got {gbps!r}"
+            )
+        for name, value in (("--decoded-fraction", self.decoded_fraction),
+                            ("--critical-threshold", self.critical_threshold)):  # fmt: skip
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise BudgetError(f"{name} must be between 0 and 1, got {value!r}")
+        if self.warmup not in WARMUPS:
+            raise BudgetError(f"unknown warmup {self.warmup!r} (choose {', '.join(WARMUPS)})")
+
 
 class Engine:
     """A container opened for generation. Close it (or use it as a context manager) to release its threads."""
@@ -156,15 +198,14 @@ class Engine:
         self.options = options = options or EngineOptions()
         self.container = Container(path)
         self.args = ModelArgs.from_hf_config(self.container.manifest.config)
+        check_tensors(self.args, self.container.manifest)
+        self._eos_ids = self._read_eos_ids()
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.threads = options.threads or available_cpus()
         torch.set_num_threads(self.threads)
-        throttle = None
-        if options.simulate_storage_gbps is not None:
-            if options.simulate_storage_gbps <= 0:
-                raise BudgetError("--simulate-storage must be a positive bandwidth in GB/s")
-            throttle = StorageThrottle(options.simulate_storage_gbps * 1e9)
+        gbps = options.simulate_storage_gbps
+        throttle = StorageThrottle(gbps * 1e9) if gbps is not None else None
         spec = self.container.slice_spec
         self.slice_mode, base_bits = resolve_mode(options.mode, spec)
         self.mode = options.mode
@@ -238,31 +279,29 @@ class Engine:
         return self._tokenizer
 
     def eos_ids(self) -> tuple[int, ...]:
-        ids = set(self.args.eos_token_ids)
-        generation = self._generation_config()
-        eos = generation.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-        return tuple(sorted(ids))
+        """The end-of-sequence tokens of config.json and generation_config.json."""
+        return self._eos_ids
 
-    def _generation_config(self) -> dict[str, Any]:
-        import json
-
-        if any(f.name == "generation_config.json" for f in self.container.manifest.files):
-            try:
-                return json.loads(self.container.read_file("generation_config.json"))
-            except ValueError:
-                return {}
-        return {}
+    def _read_eos_ids(self) -> tuple[int, ...]:
+        name = "generation_config.json"
+        if not any(f.name == name for f in self.container.manifest.files):
+            return self.args.eos_token_ids
+        where = f"{self.container.path}: embedded {name}"
+        doc = load_json(self.container.read_file(name), lambda reason: FormatError(f"{where}: {reason}"))
+        if not isinstance(doc, dict):
+            raise FormatError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        generation = read_token_ids(doc, "eos_token_id", self.args.vocab_size, name)
+        return tuple(sorted(set(self.args.eos_token_ids) | set(generation)))
 
     def generate_tokens(self, prompt: list[int], sampling: SamplingOptions, on_token=None) -> GenerationResult:
+        """Generate from token ids (see `zipmoe.runtime.generate.generate`)."""
         return generate(self.model, prompt, sampling, eos_ids=self.eos_ids(), on_token=on_token)
 
     def generate_text(
         self, prompt: str, sampling: SamplingOptions, *, chat: bool = False, on_text=None
     ) -> tuple[str, GenerationResult]:
         """Generate from a text prompt; ``on_text`` receives the text as it is produced."""
-        if not prompt.strip():
-            raise ZipmoeError("the prompt is empty")
+        check_prompt(prompt)
         ids = self.tokenizer.encode(prompt, chat=chat)
         stream = StreamDecoder(self.tokenizer)
         pieces: list[str] = []

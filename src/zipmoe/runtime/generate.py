@@ -1,35 +1,72 @@
-"""The generation loop: prefill, then one token at a time; greedy or sampled (temperature, top-p, seed)."""
+"""The generation loop: prefill in chunks, then one token at a time; greedy or sampled (temperature, top-p, seed).
+
+A prompt must leave room in the model's context (``max_position_embeddings``) for the tokens asked for: too long a
+prompt is an error, or with ``truncate`` loses its first tokens. The prefill runs `DEFAULT_PREFILL_CHUNK` tokens per
+forward pass, so attention scores take [N, chunk, S] memory, not [N, prompt, prompt].
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from zipmoe.runtime.model import Transformer
+from zipmoe.errors import ZipmoeError
+from zipmoe.runtime.model import KVCache, Transformer
+
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+
+
+class SamplingError(ZipmoeError, ValueError):
+    """Sampling options out of range."""
+
+
+class PromptError(ZipmoeError, ValueError):
+    """A prompt the model cannot take: empty, not UTF-8, or too long for its context."""
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to pick tokens. ``temperature`` 0 is greedy."""
+    """How to pick tokens. ``temperature`` 0 is greedy; ``top_p`` 0 keeps only the most likely token.
+
+    ``truncate`` keeps the last prompt tokens that leave room for ``max_new_tokens`` in the model's context, instead
+    of refusing a prompt that is too long.
+
+    Raises:
+        SamplingError: a value out of range (NaN and infinities included).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     stop_at_eos: bool = True
+    truncate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingError(f"--temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise SamplingError(f"--top-p must be between 0 and 1, got {self.top_p!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SamplingError(f"--seed must be in 0..{MAX_SEED} (2**63-1), got {self.seed}")
 
 
 @dataclass
 class GenerationResult:
     """Tokens and timings of one generation (seconds, wall clock)."""
 
-    prompt_tokens: int
+    prompt_tokens: int  # the prompt tokens the model saw
     tokens: list[int] = field(default_factory=list)
     ttft: float = 0.0  # prompt in, first new token out
     step_seconds: list[float] = field(default_factory=list)  # every later token
+    dropped_tokens: int = 0  # first prompt tokens left out to fit the context (``truncate``)
 
     @property
     def tpot(self) -> float:
@@ -41,6 +78,35 @@ class GenerationResult:
         return len(self.step_seconds) / sum(self.step_seconds) if self.step_seconds else 0.0
 
 
+def fit_context(prompt: list[int], max_new_tokens: int, context: int, truncate: bool = False) -> list[int]:
+    """The prompt, or with ``truncate`` its last tokens, such that ``max_new_tokens`` more fit in ``context``.
+
+    Raises:
+        PromptError: ``max_new_tokens`` alone fills the context, or the prompt is too long and not ``truncate``.
+    """
+    room = context - max_new_tokens
+    if room < 1:
+        raise PromptError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
+    if len(prompt) <= room:
+        return prompt
+    if truncate:
+        return prompt[-room:]
+    raise PromptError(
+        f"the prompt has {len(prompt)} tokens and --max-new-tokens {max_new_tokens} asks for {max_new_tokens} more: "
+        f"{len(prompt) + max_new_tokens} exceeds the model's context of {context} tokens "
+        f"(use --truncate to keep the last {room} prompt tokens)"
+    )
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raise `PromptError` when a token id (from the tokenizer) is outside the model's vocabulary."""
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise PromptError(f"the tokenizer gave token id {bad}, outside the model's vocabulary of {vocab_size}")
+
+
 def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
     """The next token from last-position logits ([V], float32)."""
     if options.temperature <= 0:
@@ -48,11 +114,20 @@ def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Gene
     probs = torch.softmax(logits / options.temperature, dim=-1)
     if options.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < options.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < options.top_p
+        keep[0] = True  # the top token always stays (top_p 0 keeps it alone)
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model: Transformer, prompt: list[int], cache: KVCache, chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompt through the model ``chunk`` tokens at a time, filling ``cache``; the last token's logits."""
+    tokens = torch.tensor(prompt, device=model.device)
+    for start in range(0, len(prompt), chunk):
+        logits = model.forward(tokens[start : start + chunk], start, cache)
+    return logits
 
 
 def generate(
@@ -62,18 +137,25 @@ def generate(
     *,
     eos_ids: tuple[int, ...] = (),
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> GenerationResult:
-    """Generate up to ``options.max_new_tokens`` tokens after ``prompt``; ``on_token`` sees each as it is made."""
+    """Generate up to ``options.max_new_tokens`` tokens after ``prompt``; ``on_token`` sees each as it is made.
+
+    Raises:
+        PromptError: the prompt is empty, holds ids outside the vocabulary, or does not fit the context (`fit_context`).
+    """
     if not prompt:
-        raise ValueError("the prompt has no tokens")
+        raise PromptError("the prompt has no tokens")
+    check_token_ids(prompt, model.args.vocab_size)
+    kept = fit_context(prompt, options.max_new_tokens, model.args.context, options.truncate)
     generator = torch.Generator().manual_seed(options.seed)
-    cache = model.new_cache(len(prompt) + options.max_new_tokens)
-    result = GenerationResult(prompt_tokens=len(prompt))
+    cache = model.new_cache(len(kept) + options.max_new_tokens)
+    result = GenerationResult(prompt_tokens=len(kept), dropped_tokens=len(prompt) - len(kept))
     start = time.perf_counter()
     model.experts.on_phase("prefill")
-    logits = model.forward(torch.tensor(prompt, device=model.device), 0, cache)
+    logits = prefill(model, kept, cache, prefill_chunk)
     model.experts.on_phase("decode")
-    position = len(prompt)
+    position = len(kept)
     for step in range(options.max_new_tokens):
         token = sample(logits.cpu(), options, generator)
         now = time.perf_counter()

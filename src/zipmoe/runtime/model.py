@@ -11,7 +11,7 @@ N attention heads, G key/value heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,7 +124,7 @@ class Transformer:
         self.lm_head = weights["model.embed_tokens.weight"] if args.tie_embeddings else weights["lm_head.weight"]
         half = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=self.device) / args.head_dim
         self.inv_freq = 1.0 / (args.rope_theta**half)
-        self.router_names = [_router_name(weights, i) for i in range(args.n_layers)]
+        self.router_names = [router_name(weights, i) for i in range(args.n_layers)]
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.args, max_len, self.device, self.dtype)
@@ -233,9 +233,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _router_name(weights: Mapping[str, torch.Tensor], layer: int) -> str:
+def router_name(names: Collection[str], layer: int) -> str:
+    """The router weight of MoE layer ``layer`` among tensor ``names``: ``mlp.gate`` or ``block_sparse_moe.gate``."""
     for block in ("mlp", "block_sparse_moe"):
         name = f"model.layers.{layer}.{block}.gate.weight"
-        if name in weights:
+        if name in names:
             return name
     return f"model.layers.{layer}.mlp.gate.weight"  # dense layers have none; only looked up for MoE layers

@@ -1,4 +1,5 @@
-"""Turning stored bytes into torch tensors: dense weights, and routed experts from their member tensors.
+"""Turning stored bytes into torch tensors: dense weights, and routed experts from their member tensors; and checking,
+before anything is loaded, that a container's tensors are the ones its config.json implies (`check_tensors`).
 
 An expert's members are named as in the checkpoint: ``w1``/``w3``/``w2`` (Mixtral) or ``gate_proj``/``up_proj``/
 ``down_proj`` per expert, or one expert's slice of the fused ``gate_up_proj`` ([2I, H]: gate rows, then up rows)
@@ -8,15 +9,17 @@ and ``down_proj`` tensors that newer transformers save.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zipmoe.errors import FormatError
+from zipmoe.formats.constants import CLASS_DENSE
+from zipmoe.formats.manifest import Manifest
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
-from zipmoe.runtime.model import ExpertWeights
+from zipmoe.runtime.model import ExpertWeights, router_name
 
 _TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -27,6 +30,8 @@ _CARRIER = {torch.bfloat16: np.int16, torch.float16: np.float16}
 
 _ROLES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 _MEMBER = re.compile(r"experts\.(?:\d+\.)?(?P<proj>[A-Za-z0-9_]+?)(?:\.weight)?$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
 
 def to_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -98,3 +103,108 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
                 members.setdefault((placement.layer, e), []).append((name, tensor[e]))
     experts = {key: assemble_expert(m, args, device, dtype) for key, m in members.items()}
     return args, dense, experts
+
+
+def check_tensors(args: ModelArgs, manifest: Manifest) -> None:
+    """Check that a container holds the tensors ``args`` implies, before anything is allocated from ``args``.
+
+    Every dense tensor the model reads must exist with the shape the config implies and a float dtype; the routed
+    experts must be exactly the MoE layers x experts, each with gate/up/down members of the implied shapes. Only the
+    manifest is read (nothing is decoded).
+
+    Raises:
+        UnsupportedModelError: the first mismatch, naming the tensor, the shape the config implies and the stored one.
+    """
+    tensors = {t.name: t for t in manifest.tensors}
+    held = 1 + max((int(m[1]) for m in map(_LAYER.match, tensors) if m), default=-1)
+    if held != args.n_layers:
+        layers = f"{args.n_layers} layer" + ("s" if args.n_layers != 1 else "")
+        raise UnsupportedModelError(f"config.json says {layers}, the container holds tensors for {held}")
+    for name, shape in dense_shapes(args, tensors).items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.tensor_class != CLASS_DENSE:
+            raise UnsupportedModelError(f"config.json implies a tensor {name} {list(shape)}; the container has none")
+        if tensor.shape != shape or tensor.dtype not in _FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"tensor {name}: config.json implies a float tensor of shape {list(shape)}, "
+                f"the container holds {tensor.dtype} {list(tensor.shape)}"
+            )
+    _check_experts(args, manifest)
+
+
+def dense_shapes(args: ModelArgs, names: Collection[str]) -> dict[str, tuple[int, ...]]:
+    """The dense tensors the model reads, by checkpoint name, with their shapes (``names``: to find the routers)."""
+    h, v = args.hidden_size, args.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for layer in range(args.n_layers):
+        shapes.update(_attention_shapes(args, f"model.layers.{layer}."))
+        p = f"model.layers.{layer}.mlp."
+        if not args.sparse_layers[layer]:
+            shapes.update(_mlp_shapes(p, args.dense_intermediate, h))
+            continue
+        shapes[router_name(names, layer)] = (args.n_experts, h)
+        if args.shared_expert_intermediate:
+            shapes.update(_mlp_shapes(p + "shared_expert.", args.shared_expert_intermediate, h))
+            shapes[p + "shared_expert_gate.weight"] = (1, h)
+    return shapes
+
+
+def _attention_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
+    h, q, kv = args.hidden_size, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    a = p + "self_attn."
+    shapes = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+              a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+              a + "o_proj.weight": (h, q)}  # fmt: skip
+    if args.qkv_bias:
+        shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
+    if args.o_bias:
+        shapes[a + "o_proj.bias"] = (h,)
+    if args.qk_norm == "head":
+        shapes.update({a + "q_norm.weight": (args.head_dim,), a + "k_norm.weight": (args.head_dim,)})
+    elif args.qk_norm == "full":
+        shapes.update({a + "q_norm.weight": (q,), a + "k_norm.weight": (kv,)})
+    return shapes
+
+
+def _mlp_shapes(prefix: str, intermediate: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (intermediate, hidden), prefix + "up_proj.weight": (intermediate, hidden),
+            prefix + "down_proj.weight": (hidden, intermediate)}  # fmt: skip
+
+
+def _check_experts(args: ModelArgs, manifest: Manifest) -> None:
+    """The expert records are exactly (MoE layer, expert) for every MoE layer and expert, with members that fit."""
+    moe_layers = sum(args.sparse_layers)
+    implied = f"config.json implies {args.n_experts} experts in each of {moe_layers} MoE layers"
+    held = set()
+    for record in manifest.experts:
+        layer, expert = record.layer, record.expert
+        if not (layer < args.n_layers and args.sparse_layers[layer] and expert < args.n_experts):
+            raise UnsupportedModelError(f"{implied}; the container holds (layer {layer}, expert {expert})")
+        _check_members(args, manifest, record.members, f"expert (layer {layer}, expert {expert})")
+        held.add((layer, expert))
+    if len(held) != moe_layers * args.n_experts:
+        layer, expert = next(
+            (layer, e) for layer in range(args.n_layers) if args.sparse_layers[layer] for e in range(args.n_experts)
+            if (layer, e) not in held
+        )  # fmt: skip
+        raise UnsupportedModelError(f"{implied}; the container has no (layer {layer}, expert {expert})")
+
+
+def _check_members(args: ModelArgs, manifest: Manifest, members: tuple[tuple[int, int], ...], label: str) -> None:
+    h, i = args.hidden_size, args.moe_intermediate
+    implied = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h)}
+    roles = []
+    for t_index, _ in members:
+        tensor = manifest.tensors[t_index]
+        role = member_role(tensor.name)
+        shape = tensor.shape[1:] if tensor.fused else tensor.shape
+        if shape != implied[role] or tensor.dtype not in _FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"{label} {tensor.name}: config.json implies a float tensor of shape {list(implied[role])}, "
+                f"the container holds {tensor.dtype} {list(shape)}"
+            )
+        roles.append(role)
+    if sorted(roles) not in (["down", "gate", "up"], ["down", "gate_up"]):
+        raise UnsupportedModelError(f"{label}: expected gate, up and down projections, the container holds {roles}")
