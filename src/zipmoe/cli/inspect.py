@@ -47,8 +47,8 @@ def command(
     stdout.print(f"source    {source['kind']}: {escape(where)}")
     if model.get("family"):
         stdout.print(
-            f"model     {model['model_type']} ({model['family']}), {model['n_layers']} layers, "
-            f"{model['n_experts']} experts per layer, {doc['n_expert_records']} expert records"
+            f"model     {model.get('model_type')} ({model['family']}), {model.get('n_layers', '?')} layers, "
+            f"{model.get('n_experts', '?')} experts per layer, {doc['n_expert_records']} expert records"
         )
     else:
         stdout.print(

@@ -396,13 +396,9 @@ class _Parser:
         return source
 
     def model(self, model: dict[str, Any]) -> dict[str, Any]:
-        for key in ("model_type", "family"):
+        for key, kind in (("model_type", str), ("family", str), ("n_layers", int), ("n_experts", int)):
             if model.get(key) is not None:
-                self.get(model, key, str, "model")
-        if model.get("family") is not None:
-            self.get(model, "model_type", str, "model")
-            self.get(model, "n_layers", int, "model")
-            self.get(model, "n_experts", int, "model")
+                self.get(model, key, kind, "model")
         return model
 
     def stats(self, stats: dict[str, Any]) -> dict[str, Any]:
