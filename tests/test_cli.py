@@ -1,5 +1,6 @@
 """The command line: results on stdout, one-line errors on stderr with exit status 1, never a traceback."""
 
+import hashlib
 import json
 
 import pytest
@@ -33,9 +34,13 @@ def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
     assert code == 0 and doc["n_expert_records"] == 8 and len(doc["tensors"]) == doc["n_tensors"]
     expert = next(s for s in doc["sections"] if s["name"] == "expert tensors (BF16)")
     assert expert["entropy_bound"] < expert["ratio"] < expert["entropy_bound"] + 0.01
+    with Container(out) as c:
+        manifest = out.read_bytes()[c.header.manifest_offset :]
+    assert doc["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
 
     code, stdout, _ = run_cli(capsys, "inspect", str(out))
     assert code == 0 and "expert tensors (BF16)" in stdout and "bound (8+H)/16" in stdout
+    assert f"manifest  sha256 {doc['manifest_sha256']}" in stdout
 
     code, stdout, _ = run_cli(capsys, "unpack", str(out), "-o", str(tmp_path / "back"))
     assert code == 0 and "SHA-256 equal" in stdout

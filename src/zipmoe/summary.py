@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
         "format_version": h.format_version,
         "created_by": m.created_by,
         "file_bytes": h.file_nbytes,
+        "manifest_sha256": manifest_sha256(container),
         "source": m.source,
         "model": m.model,
         "encodings": [dict(c) for c in m.encodings],
@@ -111,6 +113,13 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
             for t in m.tensors
         ]
     return doc
+
+
+def manifest_sha256(container: Container) -> str:
+    """SHA-256 of the manifest bytes, which hold the SHA-256 of every source tensor and file: an equal digest and a
+    passing `zipmoe verify` (which decodes and hashes every tensor) authenticate the container, XXH64 alone cannot."""
+    h = container.header
+    return hashlib.sha256(container.data[h.manifest_offset : h.manifest_offset + h.manifest_nbytes]).hexdigest()
 
 
 def _slices(container: Container, sections: list[Section]) -> dict[str, Any] | None:

@@ -45,6 +45,9 @@ def command(
         f"{escape(doc['created_by'])}"
     )
     stdout.print(f"source    {source['kind']}: {escape(where)}")
+    stdout.print(
+        f"manifest  sha256 {doc['manifest_sha256']} (publish it: an equal digest and a passing verify authenticate the file)"
+    )
     if model.get("family"):
         stdout.print(
             f"model     {model.get('model_type')} ({model['family']}), {model.get('n_layers', '?')} layers, "
