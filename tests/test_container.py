@@ -106,9 +106,9 @@ def test_not_a_container(tmp_path):
 
 def test_unknown_version(damaged):
     data = bytearray(damaged.read_bytes())
-    data[8:12] = struct.pack("<I", 3)
+    data[8:12] = struct.pack("<I", 4)
     damaged.write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=r"unsupported format version 3 \(this zipmoe reads versions 1 and 2\)"):
+    with pytest.raises(FormatError, match=r"unsupported format version 4 \(this zipmoe reads versions 1, 2 and 3\)"):
         Container(damaged)
 
 

@@ -40,7 +40,7 @@ def test_per_expert_checkpoints(checkpoints, tmp_path, family):
         assert sorted(c.experts) == [(layer, e) for layer in layers for e in range(N_EXPERTS)]
         for record in c.manifest.experts:
             assert len(record.members) == 3
-        dense = [t.name for t in c.manifest.tensors if t.tensor_class == "dense"]
+        dense = [t.name for t in c.dense_tensors()]
         assert not any(".experts." in name and "shared" not in name for name in dense)
         if family in ("qwen2_moe", "deepseek_v2", "deepseek_v3"):
             assert any("shared_expert" in name for name in dense)

@@ -23,9 +23,8 @@ def test_golden_container_reads_and_verifies(folder):
     report = verify(folder / "micro.zmoe", str(folder / "source"))
     assert report.ok, report.failures
     with Container(folder / "micro.zmoe") as c:
-        assert {name: hashlib.sha256(c.read_tensor(name)).hexdigest() for name in c.tensors} == expected[
-            "tensor_sha256"
-        ]
+        names = list(c.tensors) + list(c.small_tensors)
+        assert {name: hashlib.sha256(c.read_tensor(name)).hexdigest() for name in names} == expected["tensor_sha256"]
         slices = {
             f"{t.name}:{kind}": hashlib.sha256(payload).hexdigest()
             for layer, expert in c.experts
@@ -35,9 +34,10 @@ def test_golden_container_reads_and_verifies(folder):
         assert slices == expected.get("slice_sha256", {})
 
 
-@pytest.mark.parametrize("folder", VERSIONS, ids=[p.name for p in VERSIONS])
+@pytest.mark.parametrize("folder", VERSIONS[-1:], ids=[p.name for p in VERSIONS[-1:]])
 def test_current_writer_reproduces_the_golden_files(tmp_path, folder):
-    """Catches unintended format changes: the same input must still give the same bytes (bar the version string)."""
+    """Catches unintended format changes: the same input must still give the same bytes as the latest golden file
+    (bar the version string); older versions are only read."""
     options = json.loads((folder / "expected.json").read_text())["pack_options"]
     out = tmp_path / "again.zmoe"
     pack(

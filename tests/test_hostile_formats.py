@@ -377,3 +377,39 @@ def test_pack_warns_about_a_config_run_would_refuse(checkpoints, tmp_path):
     result = pack(str(source), tmp_path / "m.zmoe", warn=warnings.append)
     assert warnings == list(result.warnings)
     assert any("num_experts_per_tok" in w and "zipmoe run will refuse this container" in w for w in warnings)
+
+
+# -- many small tensors --------------------------------------------------------------------------------------------
+
+
+def test_many_tiny_tensors_share_runs(tmp_path):
+    """20,000 one-byte tensors: no record (and no manifest entry) each, so the overhead stays bounded."""
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    tensors = {f"t.{i}": ("U8", [1], bytes([i % 251])) for i in range(20_000)}
+    tensors["big"] = ("BF16", [128, 256], bytes(range(256)) * 256)  # listed: 64 KiB
+    write_safetensors(source / "model.safetensors", tensors)
+    out = tmp_path / "m.zmoe"
+    result = pack(str(source), out)
+    source_bytes = (source / "model.safetensors").stat().st_size
+    assert out.stat().st_size <= source_bytes * 1.01 + (1 << 20), (out.stat().st_size, source_bytes)
+    assert result.n_tensors == 20_001 and verify(out, str(source)).ok
+    with Container(out) as c:
+        assert c.manifest.format_version == 3 and c.manifest.small_tensors == 20_000 and list(c.tensors) == ["big"]
+        assert c.read_tensor("t.300").tobytes() == bytes([300 % 251]) and len(c.dense_tensors()) == 20_001
+    unpack(out, tmp_path / "back")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(small_tensors=d["small_tensors"] + 1), "the manifest counts"),
+        (lambda d: d["tensors"][0].update(name="renamed"), "is not in the manifest, nor a small tensor inside a"),
+    ],
+)
+def test_small_tensors_must_be_accounted_for(packed, tmp_path, mutate, message):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, mutate)
+    with pytest.raises(FormatError, match=message):
+        Container(container).small_tensors

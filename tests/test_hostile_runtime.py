@@ -183,16 +183,16 @@ def test_expert_records_must_cover_exactly_the_moe_layers(tiny):
     from zipmoe.runtime.weights import check_tensors
 
     with Container(tiny) as c:
-        manifest = c.manifest
+        manifest, small = c.manifest, c.small_tensors
     args = ModelArgs.from_hf_config(manifest.config)
-    check_tensors(args, manifest)
+    check_tensors(args, manifest, small)
     missing = replace(manifest, experts=tuple(r for r in manifest.experts if (r.layer, r.expert) != (1, 3)))
     with pytest.raises(UnsupportedModelError, match=r"implies 4 experts in each of 2 MoE layers; the container has no "
                                                     r"\(layer 1, expert 3\)$"):  # fmt: skip
-        check_tensors(args, missing)
+        check_tensors(args, missing, small)
     extra = replace(manifest, experts=(*manifest.experts, replace(manifest.experts[0], expert=4)))
     with pytest.raises(UnsupportedModelError, match=r"; the container holds \(layer 0, expert 4\)$"):
-        check_tensors(args, extra)
+        check_tensors(args, extra, small)
 
 
 # -- 3. prompts and the context ---------------------------------------------------------------------------------------

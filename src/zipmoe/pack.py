@@ -36,7 +36,7 @@ from zipmoe.codecs.parts import (
 )
 from zipmoe.errors import OutputError, VerificationError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
-from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SUFFIX
+from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SMALL_TENSOR_NBYTES, SUFFIX
 from zipmoe.formats.experts import ModelLayout, classify
 from zipmoe.formats.manifest import (
     Blob,
@@ -56,6 +56,7 @@ from zipmoe.runtime.config import SUPPORTED, config_problems
 
 ProgressFn = Callable[[int], None]  # called with the number of source bytes just processed
 _HASH_BLOCK = 8 << 20
+_MAX_RUN_NBYTES = 64 << 20  # small tensors joined into one raw run: memory stays bounded like a tensor's
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def pack(
         path=output,
         source=checkpoint.source.describe(),
         family=layout.family,
-        n_tensors=len(manifest.tensors),
+        n_tensors=len(checkpoint.tensors),
         n_expert_records=len(manifest.experts),
         source_bytes=sum(f.nbytes for f in checkpoint.files) + sum(f.blob.size for f in manifest.files),
         container_bytes=container_bytes,
@@ -274,8 +275,16 @@ class _Packer:
             self.stats[MSB], self.stats[LSB] = ClassStats(), ClassStats()
         self.slice_records: list[SliceRecord] = []
         self._slices: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # the expert being written
-        # Tensors in checkpoint order: (file index, offset).
-        self.order = sorted(checkpoint.tensors.values(), key=lambda ft: (ft[0], ft[1].start))
+        # Small dense tensors go into raw runs with the bytes around them, listed only by their safetensors header;
+        # the others in checkpoint order: (file index, offset).
+        self.small = {
+            name for name, (_, t) in checkpoint.tensors.items()
+            if name not in layout.experts and t.nbytes < SMALL_TENSOR_NBYTES
+        }  # fmt: skip
+        self.order = sorted(
+            (ft for name, ft in checkpoint.tensors.items() if name not in self.small),
+            key=lambda ft: (ft[0], ft[1].start),
+        )
         self.index = {t.name: i for i, (_, t) in enumerate(self.order)}
         self.parts: dict[str, list[Blob | None]] = {}
         self.entropy: dict[str, np.ndarray] = {}
@@ -338,11 +347,14 @@ class _Packer:
     def _hash_update(self, name: str, data: np.ndarray) -> None:
         self.hashes.setdefault(name, hashlib.sha256()).update(data)
 
-    def _pack_raw_bytes(self, data: np.ndarray, label: str) -> Blob:
+    def _pack_raw_bytes(self, data: np.ndarray, label: str, *, digest: bool = False) -> Blob:
+        """A raw blob; with ``digest`` it records the SHA-256 of ``data`` (headers and runs: no tensor hash covers
+        them)."""
         encoded = self._encode_checked(data, self.raw, label)
         offset = self.writer.write_record(encoded.data)
         self.stats["files"].add(data.size, encoded.data.size, None)
-        return Blob(offset, encoded.data.size, data.size, encoded.n_chunks, encoded.directory_xxh64)
+        sha256 = hashlib.sha256(data).hexdigest() if digest else None
+        return Blob(offset, encoded.data.size, data.size, encoded.n_chunks, encoded.directory_xxh64, sha256)
 
     # -- the whole file ---------------------------------------------------------------------------------------------
 
@@ -380,6 +392,7 @@ class _Packer:
             stats={"classes": classes},
             slices=self.spec,
             slice_records=tuple(self.slice_records),
+            small_tensors=len(self.small),
         )
 
     def _pack_files(self) -> tuple[EmbeddedFile, ...]:
@@ -393,14 +406,18 @@ class _Packer:
 
     def _pack_header(self, file_index: int) -> tuple[Blob, list[tuple[str, Any]]]:
         f = self.checkpoint.files[file_index]
-        header = self._pack_raw_bytes(self._read(file_index, 0, f.header_nbytes), f"header of {f.name}")
+        header = self._pack_raw_bytes(self._read(file_index, 0, f.header_nbytes), f"header of {f.name}", digest=True)
         self.progress(f.header_nbytes)
+        small = [t for t in f.tensors if t.name in self.small]
+        runs = _merge_ranges(f.gaps + [(t.start, t.start + t.nbytes) for t in small], _MAX_RUN_NBYTES)
         gaps = {
-            start: self._pack_raw_bytes(self._read(file_index, start, end - start), f"gap in {f.name}")
-            for start, end in f.gaps
+            start: self._pack_raw_bytes(self._read(file_index, start, end - start), f"gap in {f.name}", digest=True)
+            for start, end in runs
         }
+        self.progress(sum(t.nbytes for t in small))
         segments: list[tuple[str, Any]] = []
-        positions = sorted([(t.start, "tensor", self.index[t.name]) for t in f.tensors] + [(s, "gap", s) for s in gaps])
+        listed = [(t.start, "tensor", self.index[t.name]) for t in f.tensors if t.name not in self.small]
+        positions = sorted(listed + [(s, "gap", s) for s in gaps])
         for _, kind, key in positions:
             segments.append((kind, key if kind == "tensor" else gaps[key]))
         return header, segments
@@ -474,6 +491,17 @@ class _Packer:
             fused=bool(placement and placement.expert is None),
             exponent_entropy=entropy_bits(histogram) if histogram is not None else None,
         )
+
+
+def _merge_ranges(ranges: list[tuple[int, int]], max_nbytes: int) -> list[tuple[int, int]]:
+    """Sorted ``[start, end)`` byte ranges with touching ones joined (up to ``max_nbytes`` each); empty ones dropped."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[1] > r[0]):
+        if merged and merged[-1][1] == start and end - merged[-1][0] <= max_nbytes:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _sha256_file(path: Path) -> str:

@@ -63,7 +63,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
     file_blobs += [v for s in m.safetensors for kind, v in s.segments if kind == "gap"]
     sections.append(
         Section(
-            "files and safetensors headers",
+            "files, headers, small tensors",
             len(file_blobs),
             sum(b.size for b in file_blobs),
             sum(b.nbytes for b in file_blobs),
@@ -87,7 +87,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
         "model": m.model,
         "encodings": [dict(c) for c in m.encodings],
         "encoding_labels": encodings,
-        "n_tensors": len(m.tensors),
+        "n_tensors": len(m.tensors) + len(container.small_tensors),
         "n_expert_records": len(m.experts),
         "files": [{"name": f.name, "role": f.role, "bytes": f.blob.size} for f in m.files],
         "safetensors": [{"name": s.name, "bytes": s.nbytes, "sha256": s.sha256} for s in m.safetensors],
@@ -111,7 +111,14 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
                 "encoding": container.encodings[t.encoding].label,
             }
             for t in m.tensors
-        ]
+        ] + [
+            {
+                "name": t.name, "dtype": t.dtype, "shape": list(t.shape), "class": t.tensor_class, "layer": None,
+                "expert": None, "fused": False, "source_bytes": t.size, "stored_bytes": None, "ratio": None,
+                "exponent_entropy": None, "encoding": "raw run",
+            }
+            for t in container.small_tensors.values()
+        ]  # fmt: skip
     return doc
 
 

@@ -98,6 +98,7 @@ def verify(
             progress_start(sum(t.size for t in container.manifest.tensors))
         _check_padding(container, report)
         _check_files(container, report, workers)
+        _check_small_tensors(container, checkpoint, report)
         buffer = np.empty(0, np.uint8)
         source_buffer = np.empty(0, np.uint8)
         slices = _SliceChecker(container, report, workers) if container.slice_spec is not None else None
@@ -114,7 +115,11 @@ def verify(
 
 
 def _compare_inventory(container: Container, checkpoint: Checkpoint, report: VerifyReport) -> None:
-    stored = set(container.tensors)
+    try:
+        stored = set(container.tensors) | set(container.small_tensors)
+    except ZipmoeError as exc:
+        report.failures.append(str(exc))
+        return
     present = set(checkpoint.tensors)
     for name in sorted(present - stored)[:20]:
         report.failures.append(f"tensor {name!r}: in the source checkpoint but not in the container")
@@ -145,6 +150,10 @@ def _check_files(container: Container, report: VerifyReport, workers: Workers) -
         report.n_chunks += blob.n_chunks
         failures = check_part(container.data, container.blob_view(blob, raw), workers)
         report.failures += [f"{label}: {f.describe()}" for f in failures]
+        if blob.sha256 is not None and not failures:
+            data = container.read_blob(blob, label, check=False)
+            if hashlib.sha256(data).hexdigest() != blob.sha256:
+                report.failures.append(f"{label}: SHA-256 differs from the recorded one")
     for f in container.manifest.files:
         try:
             data = container.read_file(f.name)
@@ -153,6 +162,31 @@ def _check_files(container: Container, report: VerifyReport, workers: Workers) -
             continue
         if hashlib.sha256(data).hexdigest() != f.sha256:
             report.failures.append(f"file {f.name!r}: SHA-256 differs from the recorded one")
+
+
+def _check_small_tensors(container: Container, checkpoint: Checkpoint | None, report: VerifyReport) -> None:
+    """The tensors kept in raw runs (their bytes are checked with the runs): each found, and equal to the source."""
+    try:
+        small = container.small_tensors
+    except ZipmoeError as exc:
+        report.failures.append(str(exc))
+        return
+    report.n_tensors += len(small)
+    if checkpoint is None:
+        return
+    for name, tensor in small.items():
+        if name not in checkpoint.tensors:
+            continue
+        file_index, source = checkpoint.tensors[name]
+        expected = np.empty(source.nbytes, np.uint8)
+        checkpoint.files[file_index].read_into(source.start, expected)
+        try:
+            stored = container.read_tensor(name)
+        except ZipmoeError as exc:
+            report.failures.append(str(exc))
+            continue
+        if (source.dtype, source.shape) != (tensor.dtype, tensor.shape) or not np.array_equal(expected, stored):
+            report.failures.append(f"tensor {name!r}: differs from the source tensor")
 
 
 def _check_tensor(

@@ -87,7 +87,7 @@ def command(
         for x in doc["tensors"]:
             entropy = "-" if x["exponent_entropy"] is None else f"{x['exponent_entropy']:.3f}"
             shape = "x".join(map(str, x["shape"]))
-            stored = human_bytes(x["stored_bytes"])
+            stored = "in a raw run" if x["stored_bytes"] is None else human_bytes(x["stored_bytes"])
             tt.add_row(escape(x["name"]), x["dtype"], shape, x["class"], stored, percent(x["ratio"]), entropy)
         stdout.print(tt)
 

@@ -76,7 +76,8 @@ class FileHeader:
             unfinished = " (an unfinished file: its magic is written last)" if magic == bytes(len(MAGIC)) else ""
             raise FormatError(f"{name}: not a zipmoe container (bad magic {magic!r}, expected {MAGIC!r}){unfinished}")
         if version not in READABLE_VERSIONS:
-            readable = " and ".join(map(str, READABLE_VERSIONS))
+            *first, last = READABLE_VERSIONS
+            readable = f"{', '.join(map(str, first))} and {last}"
             raise FormatError(f"{name}: unsupported format version {version} (this zipmoe reads versions {readable})")
         (stored_xxh64,) = struct.unpack_from("<Q", data, _STRUCT.size)
         if checksum(data[: _STRUCT.size]) != stored_xxh64:

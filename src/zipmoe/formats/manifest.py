@@ -23,6 +23,7 @@ from zipmoe.formats.constants import (
     MAX_INDEX,
     MAX_NDIM,
     READABLE_VERSIONS,
+    RUNS_VERSION,
     SLICES_VERSION,
 )
 from zipmoe.formats.names import name_problem, normalized
@@ -38,15 +39,19 @@ class Blob:
     size: int
     n_chunks: int
     directory_xxh64: int
+    sha256: str | None = None  # of the decoded bytes: safetensors headers and gaps (tensors record their own)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "offset": self.offset,
             "nbytes": self.nbytes,
             "size": self.size,
             "n_chunks": self.n_chunks,
             "directory_xxh64": f"{self.directory_xxh64:016x}",
         }
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
 
 
 @dataclass(frozen=True)
@@ -194,10 +199,13 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     slices: SliceSpec | None = None  # AMAT slices of every expert (format version 2)
     slice_records: tuple[SliceRecord, ...] = ()
+    small_tensors: int = 0  # dense tensors stored in raw runs, not listed in `tensors` (format version 3)
 
     @property
     def format_version(self) -> int:
-        """The lowest version that can hold this manifest: files without slices stay readable by v1 readers."""
+        """The lowest version that can hold this manifest: files without slices or runs stay readable by v1 readers."""
+        if self.small_tensors:
+            return RUNS_VERSION
         return SLICES_VERSION if self.slices is not None else FORMAT_VERSION
 
     def to_json_bytes(self) -> bytes:
@@ -217,6 +225,8 @@ class Manifest:
         }
         if self.slices is not None:
             doc["slices"] = {**self.slices.get_config(), "records": [r.to_json() for r in self.slice_records]}
+        if self.small_tensors:
+            doc["small_tensors"] = self.small_tensors
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     def encoding(self, index: int) -> Encoding:
@@ -308,6 +318,7 @@ class _Parser:
             self.get(obj, "size", int, where),
             self.get(obj, "n_chunks", int, where),
             self.hex64(obj, "directory_xxh64", where),
+            self.sha256(obj, "sha256", where) if isinstance(obj, dict) and "sha256" in obj else None,
         )
 
     def manifest(self, doc: Any) -> Manifest:
@@ -352,8 +363,13 @@ class _Parser:
             slices = SliceSpec.from_config(doc["slices"])
             records = self.get(doc["slices"], "records", list, "slices")
             slice_records = tuple(self.slice_record(r, f"slices.records[{i}]", tensors) for i, r in enumerate(records))
-        elif version >= SLICES_VERSION:
+        elif version == SLICES_VERSION:
             raise self.fail("slices", f"missing: a version {version} file holds slices")
+        small_tensors = self.get(doc, "small_tensors", int, where, optional=True) or 0
+        if (version >= RUNS_VERSION) != (small_tensors > 0):
+            raise self.fail(
+                "small_tensors", f"a version {RUNS_VERSION} file, and only such a file, holds small tensors"
+            )
         self.unique_names([f.name for f in files] + [s.name for s in safetensors])
         return Manifest(
             created_by=self.get(doc, "created_by", str, where),
@@ -368,6 +384,7 @@ class _Parser:
             stats=self.stats(self.get(doc, "stats", dict, where)),
             slices=slices,
             slice_records=slice_records,
+            small_tensors=small_tensors,
         )
 
     def unique_names(self, names: list[str]) -> None:

@@ -7,6 +7,7 @@ is asked for. Every decode checks the chunk checksums unless told not to.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 from collections.abc import Iterator
@@ -19,11 +20,18 @@ import numpy as np
 from zipmoe._threads import Workers
 from zipmoe.codecs.checksum import checksum
 from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts, size_problem
-from zipmoe.errors import ChecksumError, FormatError
-from zipmoe.formats.constants import CLASS_EXPERT, HEADER_NBYTES, MAX_MANIFEST_NBYTES, PART_ALIGNMENT
+from zipmoe.errors import CheckpointError, ChecksumError, FormatError
+from zipmoe.formats.constants import (
+    CLASS_DENSE,
+    CLASS_EXPERT,
+    HEADER_NBYTES,
+    MAX_MANIFEST_NBYTES,
+    PART_ALIGNMENT,
+    SMALL_TENSOR_NBYTES,
+)
 from zipmoe.formats.header import FileHeader
 from zipmoe.formats.manifest import Blob, ExpertRecord, Manifest, SliceRecord, TensorEntry
-from zipmoe.formats.safetensors_file import tensor_nbytes
+from zipmoe.formats.safetensors_file import parse_safetensors_header, tensor_nbytes
 from zipmoe.quant.spec import SliceError
 
 # numpy dtypes for viewing decoded bytes; BF16 has none in numpy, so its bit patterns come back as uint16.
@@ -40,6 +48,20 @@ def as_array(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray
     if np_dtype is None:
         return data
     return data.view(np.dtype(np_dtype).newbyteorder("<")).reshape(shape)
+
+
+@dataclass(frozen=True)
+class SmallTensor:
+    """A dense tensor smaller than `SMALL_TENSOR_NBYTES`, stored inside a raw run (a ``gap`` segment) and described
+    only by its file's stored safetensors header (docs/FORMAT.md §4)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    blob: Blob | None  # the run holding its bytes (None: a tensor of zero bytes)
+    start: int  # of its bytes in the decoded run
+    size: int
+    tensor_class: str = CLASS_DENSE
 
 
 @dataclass(frozen=True)
@@ -285,8 +307,59 @@ class Container:
         except KeyError:
             raise FormatError(f"{self.path}: no tensor named {name!r}") from None
 
+    @cached_property
+    def small_tensors(self) -> dict[str, SmallTensor]:
+        """The tensors stored in raw runs, by name, found through the stored safetensors headers.
+
+        Raises:
+            FormatError: a stored header is malformed, or names a tensor that is neither in the manifest nor inside
+                a run.
+        """
+        out: dict[str, SmallTensor] = {}
+        for s in self.manifest.safetensors:
+            raw = self.read_blob(s.header, f"header of {s.name!r}").tobytes()
+            if len(raw) < 8 or int.from_bytes(raw[:8], "little") != len(raw) - 8:
+                raise FormatError(f"{self.path}: header of {s.name!r}: its length prefix does not match its size")
+            try:
+                parsed = parse_safetensors_header(Path(s.name), raw[8:], s.nbytes)
+            except CheckpointError as exc:
+                raise FormatError(f"{self.path}: {exc}") from None
+            runs: list[tuple[int, int, Blob]] = []  # [start, end) in the source file, and the run
+            position = s.header.size
+            for kind, value in s.segments:
+                size = value.size if kind == "gap" else self.manifest.tensors[value].size
+                if kind == "gap":
+                    runs.append((position, position + size, value))
+                position += size
+            starts = [start for start, _, _ in runs]
+            for t in parsed.tensors:
+                if t.name in self.tensors:
+                    continue
+                i = bisect.bisect_right(starts, t.start) - 1
+                inside = t.nbytes == 0 or (i >= 0 and t.start + t.nbytes <= runs[i][1])
+                if t.name in out or t.nbytes >= SMALL_TENSOR_NBYTES or not inside:
+                    raise FormatError(
+                        f"{self.path}: header of {s.name!r}: tensor {t.name!r} is not in the manifest, "
+                        "nor a small tensor inside a stored run (or is named twice)"
+                    )
+                blob = runs[i][2] if t.nbytes else None
+                out[t.name] = SmallTensor(t.name, t.dtype, t.shape, blob, t.start - runs[i][0] if blob else 0, t.nbytes)
+        if len(out) != self.manifest.small_tensors:
+            raise FormatError(
+                f"{self.path}: the manifest counts {self.manifest.small_tensors} small tensors, "
+                f"the stored safetensors headers name {len(out)} tensors it does not list"
+            )
+        return out
+
+    def dense_tensors(self) -> list[TensorEntry | SmallTensor]:
+        """Every dense tensor: those the manifest lists and those stored in raw runs."""
+        listed = [t for t in self.manifest.tensors if t.tensor_class == CLASS_DENSE]
+        return listed + list(self.small_tensors.values())
+
     def read_tensor(self, name: str, *, workers: Workers | None = None, check: bool = True) -> np.ndarray:
         """Decode a whole tensor; returns its source bytes (uint8). See `as_array` for a typed view."""
+        if name not in self.tensors and name in self.small_tensors:
+            return self._read_small(self.small_tensors[name], check)
         tensor = self.tensor(name)
         out = np.empty(tensor.size, np.uint8)
         self.decode_tensor_into(tensor, out, workers=workers, check=check)
@@ -317,6 +390,15 @@ class Container:
             members.append(DecodedMember(tensor, p_index, np.empty(tensor.parts[p_index].size, np.uint8)))
         self._decode([self._item(m.tensor, m.part, buf, record.offset, m.data) for m in members], workers, check)
         return members
+
+    def _read_small(self, tensor: SmallTensor, check: bool) -> np.ndarray:
+        if tensor.blob is None:
+            return np.empty(0, np.uint8)
+        cached = self.__dict__.get("_last_run")
+        if cached is None or cached[0] != tensor.blob.offset:  # tensors are mostly read in file order: one decode
+            cached = (tensor.blob.offset, self.read_blob(tensor.blob, f"run holding {tensor.name!r}", check=check))
+            self._last_run = cached
+        return cached[1][tensor.start : tensor.start + tensor.size].copy()
 
     def _item(self, tensor: TensorEntry, part: int, buf: np.ndarray, base: int, out: np.ndarray) -> tuple:
         label = f"tensor {tensor.name!r}" + (f" part {part}" if tensor.fused else "")

@@ -116,6 +116,16 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return parse_safetensors_header(path, raw, file_nbytes)
+
+
+def parse_safetensors_header(path: Path, raw: bytes, file_nbytes: int) -> SafetensorsFile:
+    """Parse and validate the JSON header ``raw`` (the ``N`` bytes after the length) of a ``file_nbytes`` file.
+
+    Raises:
+        CheckpointError: the header is malformed (named precisely, ``path`` in the message).
+    """
+    n = len(raw)
     header = load_json(raw, lambda reason: _corrupt(path, f"header is {reason}"))
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")

@@ -13,7 +13,6 @@ import torch
 from zipmoe._json import load_json
 from zipmoe._threads import available_cpus
 from zipmoe.errors import FormatError, ZipmoeError
-from zipmoe.formats.constants import CLASS_DENSE
 from zipmoe.formats.reader import Container
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.cache import BudgetError, ExpertCache, minimum_budget
@@ -198,7 +197,7 @@ class Engine:
         self.options = options = options or EngineOptions()
         self.container = Container(path)
         self.args = ModelArgs.from_hf_config(self.container.manifest.config)
-        check_tensors(self.args, self.container.manifest)
+        check_tensors(self.args, self.container.manifest, self.container.small_tensors)
         self._eos_ids = self._read_eos_ids()
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
@@ -259,9 +258,7 @@ class Engine:
 
     def _load_dense(self) -> dict[str, torch.Tensor]:
         weights = {}
-        for tensor in self.container.manifest.tensors:
-            if tensor.tensor_class != CLASS_DENSE:
-                continue
+        for tensor in self.container.dense_tensors():
             data = self.container.read_tensor(tensor.name)
             t = to_tensor(data, tensor.dtype, tensor.shape)
             weights[tensor.name] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)

@@ -9,7 +9,7 @@ and ``down_proj`` tensors that newer transformers save.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from zipmoe.errors import FormatError
 from zipmoe.formats.constants import CLASS_DENSE
 from zipmoe.formats.manifest import Manifest
+from zipmoe.formats.reader import SmallTensor
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
 from zipmoe.runtime.model import ExpertWeights, router_name
 
@@ -105,17 +106,17 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
     return args, dense, experts
 
 
-def check_tensors(args: ModelArgs, manifest: Manifest) -> None:
+def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, SmallTensor] | None = None) -> None:
     """Check that a container holds the tensors ``args`` implies, before anything is allocated from ``args``.
 
     Every dense tensor the model reads must exist with the shape the config implies and a float dtype; the routed
     experts must be exactly the MoE layers x experts, each with gate/up/down members of the implied shapes. Only the
-    manifest is read (nothing is decoded).
+    manifest is read (nothing is decoded), and ``small``: the tensors stored in raw runs (`Container.small_tensors`).
 
     Raises:
         UnsupportedModelError: the first mismatch, naming the tensor, the shape the config implies and the stored one.
     """
-    tensors = {t.name: t for t in manifest.tensors}
+    tensors = {t.name: t for t in manifest.tensors} | dict(small or {})
     held = 1 + max((int(m[1]) for m in map(_LAYER.match, tensors) if m), default=-1)
     if held != args.n_layers:
         layers = f"{args.n_layers} layer" + ("s" if args.n_layers != 1 else "")
