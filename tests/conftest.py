@@ -149,17 +149,21 @@ def bf16_bytes(shape: tuple[int, ...], seed: int = 0, std: float = 0.02) -> byte
     return ((f32 + 0x7FFF + ((f32 >> 16) & 1)) >> 16).astype("<u2").tobytes()
 
 
-def rewrite_manifest(path: Path, mutate) -> None:
-    """Apply ``mutate`` to a container's manifest JSON and write it back with valid checksums."""
+def rewrite_manifest(path: Path, mutate=None, *, edit_text=None) -> None:
+    """Apply ``mutate`` to a container's manifest JSON (or ``edit_text`` to its text, for JSON that `json` cannot
+    write) and write it back with valid checksums."""
     from zipmoe.codecs.checksum import checksum
     from zipmoe.formats.constants import HEADER_NBYTES
     from zipmoe.formats.header import FileHeader
 
     data = bytearray(path.read_bytes())
     header = FileHeader.unpack(bytes(data[:HEADER_NBYTES]), len(data), str(path))
-    doc = json.loads(data[header.manifest_offset :])
-    mutate(doc)
-    manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    if edit_text is not None:
+        manifest = edit_text(bytes(data[header.manifest_offset :]).decode()).encode("utf-8", "surrogateescape")
+    else:
+        doc = json.loads(data[header.manifest_offset :])
+        mutate(doc)
+        manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     new_header = FileHeader(
         header.alignment,
         header.manifest_offset + len(manifest),
