@@ -227,7 +227,8 @@ def test_checkpoint_json_bombs(checkpoints, tmp_path, edit, message, target):
         (lambda d: d["model"].update(model_type=["x"]), "model.model_type"),
         (lambda d: [d["model"].pop(k) for k in ("model_type", "n_layers", "n_experts")], None),
         (lambda d: d["stats"].update(classes=[]), "stats.classes"),
-        (lambda d: d["stats"]["classes"]["expert"].update(exponent_histogram=[1, 2]), "256 non-negative"),
+        (lambda d: d["stats"]["classes"]["expert"].update(exponent_histogram=[1, 2]), "256 integers"),
+        (lambda d: d["stats"]["classes"]["expert"].update(exponent_histogram=[10**30] * 256), "256 integers"),
     ],
 )
 def test_inspect_reads_only_validated_fields(capsys, packed, tmp_path, mutate, message):
@@ -400,3 +401,27 @@ def test_small_tensors_must_be_accounted_for(packed, tmp_path, mutate, message):
     rewrite_manifest(container, mutate)
     with pytest.raises(FormatError, match=message):
         assert Container(container).small_tensors
+
+
+def test_names_that_look_like_markup_are_written_and_printed_as_they_are(capsys, packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, lambda d: d["files"][0].update(name="[/]x.json"))
+    code, out, err = run_cli(capsys, "unpack", str(container), "-o", str(tmp_path / "out"))
+    assert code == 0 and "[/]x.json" in out, err
+    assert (tmp_path / "out" / "[/]x.json").is_file()
+
+
+def test_special_files_and_partial_names_are_not_containers(capsys, packed, tmp_path):
+    fifo = tmp_path / "pipe.zmoe"
+    os.mkfifo(fifo)
+    for command in ("inspect", "verify"):
+        code, _, err = run_cli(capsys, command, str(fifo))
+        assert_one_line_error(code, err, "not a regular file")
+    named = copy_of(packed, tmp_path).rename(tmp_path / "m.zmoe.partial")
+    code, _, err = run_cli(capsys, "verify", str(named))
+    assert_one_line_error(code, err, "an unfinished output")
+
+
+def test_absurd_thread_counts_are_usage_errors(capsys, packed):
+    code, out, err = run_cli(capsys, "verify", str(packed), "--threads", "100000")
+    assert code == 2 and "Traceback" not in err

@@ -152,8 +152,10 @@ def test_slices_that_do_not_match_the_weights_fail_verify(checkpoints, tmp_path,
         (lambda d: (d.pop("slices"), d.pop("small_tensors"), d.update(format_version=2)), "missing: a version 2 file"),
         (lambda d: d.update(format_version=1), "slices need format version 2, the file says 1"),
         (lambda d: d.update(format_version=2), "a version 3 file, and only such a file, holds small tensors"),
-        (lambda d: (d.pop("slices"), d.pop("small_tensors"), d.update(format_version=1)),
-         "the header says format version 3, the manifest 1"),  # fmt: skip
+        (
+            lambda d: (d.pop("slices"), d.pop("small_tensors"), d.update(format_version=1)),
+            "the header says format version 3, the manifest 1",
+        ),  # fmt: skip
     ],
 )
 def test_inconsistent_slice_manifests(sliced, tmp_path, mutate, message):

@@ -75,7 +75,7 @@ def summarize(container: Container, *, tensors: bool = False) -> dict[str, Any]:
     padding = h.file_nbytes - stored - h.manifest_nbytes - HEADER_NBYTES
     sections.append(Section("header and alignment padding", 1, 0, HEADER_NBYTES + padding))
     source_bytes = sum(s.nbytes for s in m.safetensors) + sum(f.blob.size for f in m.files)
-    total = Section("total", len(m.tensors), source_bytes, h.file_nbytes)
+    total = Section("total", len(m.tensors) + len(container.small_tensors), source_bytes, h.file_nbytes)
     encodings = sorted({container.encodings[t.encoding].label for t in m.tensors})
     doc: dict[str, Any] = {
         "path": str(container.path),

@@ -21,9 +21,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Markup is off: names, paths and messages come from files strangers wrote ("[/red]" is a valid file name); styles
+# are given as `rich.text.Text` spans (see `styled`).
+stdout = Console(highlight=False, soft_wrap=True, markup=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 if not stdout.is_terminal:  # piped or captured: wide enough that tables keep one line per row
     stdout.width = max(stdout.width, 120)
 
@@ -41,8 +44,13 @@ def percent(ratio: float | None) -> str:
     return "-" if ratio is None else f"{100 * ratio:.2f}%"
 
 
+def styled(label: str, style: str, rest: str = "") -> Text:
+    """``label`` in ``style``, then ``rest`` as plain text."""
+    return Text.assemble((label, style), rest)
+
+
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]Warning:[/yellow] {escape(message)}")
+    stderr.print(styled("Warning:", "yellow", f" {message}"))
 
 
 def print_json(doc: Any) -> None:

@@ -7,11 +7,10 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from zipmoe import __version__
 from zipmoe.cli import bench, demo, evaluate, inspect, pack, run, unpack, verify
-from zipmoe.cli._output import stderr
+from zipmoe.cli._output import stderr, styled
 from zipmoe.errors import ZipmoeError
 
 app = typer.Typer(
@@ -70,5 +69,5 @@ def main(argv: list[str] | None = None) -> None:
                 "ZIPMOE_DEBUG=1 shows"
             )
         # Messages quote names from files (file names, templates): print them as text, never as markup.
-        stderr.print(f"[red]Error:[/red] {escape(' '.join(message.split()))}")
+        stderr.print(styled("Error:", "red", " " + " ".join(message.split())))
         sys.exit(1)

@@ -10,7 +10,7 @@ import typer
 from zipmoe.bench.codecs import DEFAULT_CHUNKS, DEFAULT_CODERS, run_codec_bench
 from zipmoe.bench.pack import run_pack_bench
 from zipmoe.cli._options import JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, table
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, styled, table
 from zipmoe.demo import cached_demo_checkpoint
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import open_checkpoint
@@ -331,6 +331,6 @@ def slices(
         )
     stdout.print(t)
     for target, measured, met in report.targets():
-        stdout.print(f"{'[green]met[/green]' if met else '[red]not met[/red]'}  {target}: {measured}")
+        stdout.print(styled("met", "green") if met else styled("not met", "red"), f" {target}: {measured}", sep="")
     if plot_path is not None:
         stdout.print(f"plot: {plot_path}")

@@ -21,7 +21,7 @@ EPILOG = """Examples:
 def command(
     directory: Annotated[Path, typer.Argument(help="Directory to write the checkpoint into.", show_default=False)],
     preset: Annotated[str, typer.Option("--preset", help=f"Model size: {', '.join(PRESETS)}.")] = "small",
-    seed: Annotated[int, typer.Option("--seed", help="Random seed of the weights.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed of the weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
     """Write a random-init MoE checkpoint in Hugging Face layout (offline, for demos, tests and benchmarks)."""

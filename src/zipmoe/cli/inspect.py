@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from zipmoe.cli._options import ContainerArg, JsonOpt
-from zipmoe.cli._output import human_bytes, percent, print_json, stdout, table
+from zipmoe.cli._output import human_bytes, percent, print_json, stdout, styled, table
 from zipmoe.formats.reader import Container
 from zipmoe.summary import summarize
 
@@ -41,10 +40,9 @@ def command(
     )
     size = human_bytes(doc["file_bytes"])
     stdout.print(
-        f"[bold]{escape(doc['path'])}[/bold]: zipmoe container v{doc['format_version']}, {size}, "
-        f"{escape(doc['created_by'])}"
+        styled(doc["path"], "bold", f": zipmoe container v{doc['format_version']}, {size}, {doc['created_by']}")
     )
-    stdout.print(f"source    {source['kind']}: {escape(where)}")
+    stdout.print(f"source    {source['kind']}: {where}")
     stdout.print(
         f"manifest  sha256 {doc['manifest_sha256']} (publish it: an equal digest and a passing verify authenticate the file)"
     )
@@ -58,7 +56,7 @@ def command(
             f"model     {model.get('model_type') or 'unknown'}: no routed experts recognised, all tensors dense"
         )
     for config in doc["encodings"]:
-        stdout.print(f"encoding  {escape(_describe(config))}")
+        stdout.print(f"encoding  {_describe(config)}")
     if doc["slices"]:
         sl = doc["slices"]
         stdout.print(
@@ -88,7 +86,7 @@ def command(
             entropy = "-" if x["exponent_entropy"] is None else f"{x['exponent_entropy']:.3f}"
             shape = "x".join(map(str, x["shape"]))
             stored = "in a raw run" if x["stored_bytes"] is None else human_bytes(x["stored_bytes"])
-            tt.add_row(escape(x["name"]), x["dtype"], shape, x["class"], stored, percent(x["ratio"]), entropy)
+            tt.add_row(x["name"], x["dtype"], shape, x["class"], stored, percent(x["ratio"]), entropy)
         stdout.print(tt)
 
 

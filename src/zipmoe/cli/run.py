@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table, warn
 from zipmoe.errors import ZipmoeError
 from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD
 
@@ -127,9 +127,9 @@ def command(
         text, result = engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
         stats = engine.cache.stats
         if result.dropped_tokens:
-            stderr.print(
-                f"[yellow]Warning:[/yellow] --truncate: the prompt's first {result.dropped_tokens} tokens were left "
-                f"out; the model saw its last {result.prompt_tokens} (context {engine.args.context} tokens)"
+            warn(
+                f"--truncate: the prompt's first {result.dropped_tokens} tokens were left out; the model saw its last "
+                f"{result.prompt_tokens} (context {engine.args.context} tokens)"
             )
         doc = {
             "text": text,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 
 from zipmoe.cli._options import ContainerArg, JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stderr, stdout
+from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stderr, stdout, styled
 from zipmoe.verify import verify as run_verify
 
 NAME = "verify"
@@ -51,11 +50,11 @@ def command(
     if report.n_slices:
         summary += f"; {report.n_slices} AMAT slices match the weights quantized again"
     if report.ok:
-        stdout.print(f"[green]OK[/green] {escape(str(report.path))}: {summary}")
+        stdout.print(styled("OK", "green", f" {report.path}: {summary}"))
         return
     for failure in report.failures[:_MAX_LISTED]:
-        stdout.print(f"[red]FAIL[/red] {escape(failure)}")
+        stdout.print(styled("FAIL", "red", f" {failure}"))
     if len(report.failures) > _MAX_LISTED:
         stdout.print(f"... and {len(report.failures) - _MAX_LISTED} more")
-    stderr.print(f"[red]Error:[/red] {escape(str(report.path))}: {len(report.failures)} problem(s) found; {summary}")
+    stderr.print(styled("Error:", "red", f" {report.path}: {len(report.failures)} problem(s) found; {summary}"))
     raise typer.Exit(1)

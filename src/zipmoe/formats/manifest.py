@@ -424,9 +424,10 @@ class _Parser:
             where = f"stats.classes.{name}"
             histogram = self.get(cls, "exponent_histogram", list, where, optional=True)
             if histogram is not None and (
-                len(histogram) != 256 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in histogram)
+                len(histogram) != 256
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63 for v in histogram)
             ):
-                raise self.fail(f"{where}.exponent_histogram", "expected 256 non-negative integers")
+                raise self.fail(f"{where}.exponent_histogram", "expected 256 integers from 0 to 2**63-1")
         return stats
 
     def tensor(self, t: Any, where: str, n_encodings: int) -> TensorEntry:

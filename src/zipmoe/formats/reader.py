@@ -27,6 +27,7 @@ from zipmoe.formats.constants import (
     HEADER_NBYTES,
     MAX_MANIFEST_NBYTES,
     PART_ALIGNMENT,
+    PARTIAL_SUFFIX,
     SMALL_TENSOR_NBYTES,
 )
 from zipmoe.formats.header import FileHeader
@@ -92,7 +93,11 @@ class Container:
     def __init__(self, path: str | os.PathLike[str], *, unpublished: bool = False) -> None:
         self.path = Path(path)
         name = str(path)
+        if self.path.name.endswith(PARTIAL_SUFFIX) and not unpublished:
+            raise FormatError(f"{name}: an unfinished output (a *{PARTIAL_SUFFIX} file is never a container)")
         try:
+            if self.path.exists() and not self.path.is_dir() and not self.path.is_file():
+                raise FormatError(f"{name}: not a regular file")  # a FIFO or a device would block or never end
             with open(self.path, "rb") as f:
                 file_nbytes = os.fstat(f.fileno()).st_size
                 self.header = FileHeader.unpack(f.read(HEADER_NBYTES), file_nbytes, name, unpublished=unpublished)
