@@ -425,3 +425,14 @@ def test_special_files_and_partial_names_are_not_containers(capsys, packed, tmp_
 def test_absurd_thread_counts_are_usage_errors(capsys, packed):
     code, out, err = run_cli(capsys, "verify", str(packed), "--threads", "100000")
     assert code == 2 and "Traceback" not in err
+
+
+def test_json_bounds_scan_long_strings_in_constant_memory():
+    import resource
+
+    from zipmoe._json import load_json
+
+    text = '{"a":"' + "x" * 20_000_000 + '\\"' + '","n":[1]}'
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert load_json(text, ValueError)["n"] == [1]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: the text and its parse only

@@ -134,7 +134,9 @@ def mutate_once(doc: dict, data: st.DataObject) -> str:
     elif op == "perturb":
         parent[key] = data.draw(perturbed_int(value), label="new value")
     elif op == "path":
-        parent[key] = data.draw(st.one_of(PATHS, st.just("../" + value), st.just(value + "/..")), label="new value")
+        # never more ".." than PATHS has: the names must not reach above the example's directory
+        grown = st.just(value + "/x/..") if ".." not in value.split("/") else PATHS
+        parent[key] = data.draw(st.one_of(PATHS, grown), label="new value")
     elif op == "swap":
         i, j = data.draw(st.integers(0, len(value) - 1)), data.draw(st.integers(0, len(value) - 1))
         value[i], value[j] = value[j], value[i]
