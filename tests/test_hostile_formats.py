@@ -396,11 +396,13 @@ def test_many_tiny_tensors_share_runs(tmp_path):
         (lambda d: d["tensors"][0].update(name="renamed"), "is not in the manifest, nor a small tensor inside a"),
     ],
 )
-def test_small_tensors_must_be_accounted_for(packed, tmp_path, mutate, message):
+def test_small_tensors_must_be_accounted_for(checkpoints, packed, tmp_path, mutate, message):
     container = copy_of(packed, tmp_path)
     rewrite_manifest(container, mutate)
     with pytest.raises(FormatError, match=message):
         assert Container(container).small_tensors
+    report = verify(container, str(checkpoints.demo("tiny")))
+    assert sum(message in f for f in report.failures) == 1, report.failures  # reported once
 
 
 def test_names_that_look_like_markup_are_written_and_printed_as_they_are(capsys, packed, tmp_path):

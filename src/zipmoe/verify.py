@@ -23,7 +23,7 @@ from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
 from zipmoe.formats.constants import CLASS_EXPERT
 from zipmoe.formats.manifest import Blob, TensorEntry
-from zipmoe.formats.reader import Container
+from zipmoe.formats.reader import Container, SmallTensor
 from zipmoe.quant.amat import base_quantized, dequantize_tensor, quantize_tensor
 from zipmoe.quant.spec import LSB, MSB, Precision, SliceError
 
@@ -91,14 +91,15 @@ def verify(
     progress = progress or (lambda n: None)
     checkpoint = open_checkpoint(source) if source is not None else None
     with Container(path) as container, Workers(threads) as workers:
+        small = _small_tensors(container, report)
         if checkpoint is not None:
             report.source = checkpoint.source.describe()
-            _compare_inventory(container, checkpoint, report)
+            _compare_inventory(container, small, checkpoint, report)
         if progress_start:
             progress_start(sum(t.size for t in container.manifest.tensors))
         _check_padding(container, report)
         _check_files(container, report, workers)
-        _check_small_tensors(container, checkpoint, report)
+        _check_small_tensors(container, small, checkpoint, report)
         buffer = np.empty(0, np.uint8)
         source_buffer = np.empty(0, np.uint8)
         slices = _SliceChecker(container, report, workers) if container.slice_spec is not None else None
@@ -114,12 +115,19 @@ def verify(
     return report
 
 
-def _compare_inventory(container: Container, checkpoint: Checkpoint, report: VerifyReport) -> None:
+def _small_tensors(container: Container, report: VerifyReport) -> dict[str, SmallTensor]:
+    """The tensors kept in raw runs; none, with the failure reported, when the stored headers do not account for them."""
     try:
-        stored = set(container.tensors) | set(container.small_tensors)
+        return container.small_tensors
     except ZipmoeError as exc:
         report.failures.append(str(exc))
-        return
+        return {}
+
+
+def _compare_inventory(
+    container: Container, small: dict[str, SmallTensor], checkpoint: Checkpoint, report: VerifyReport
+) -> None:
+    stored = set(container.tensors) | set(small)
     present = set(checkpoint.tensors)
     for name in sorted(present - stored)[:20]:
         report.failures.append(f"tensor {name!r}: in the source checkpoint but not in the container")
@@ -164,13 +172,10 @@ def _check_files(container: Container, report: VerifyReport, workers: Workers) -
             report.failures.append(f"file {f.name!r}: SHA-256 differs from the recorded one")
 
 
-def _check_small_tensors(container: Container, checkpoint: Checkpoint | None, report: VerifyReport) -> None:
-    """The tensors kept in raw runs (their bytes are checked with the runs): each found, and equal to the source."""
-    try:
-        small = container.small_tensors
-    except ZipmoeError as exc:
-        report.failures.append(str(exc))
-        return
+def _check_small_tensors(
+    container: Container, small: dict[str, SmallTensor], checkpoint: Checkpoint | None, report: VerifyReport
+) -> None:
+    """The tensors kept in raw runs (their bytes are checked with the runs): each equal to the source."""
     report.n_tensors += len(small)
     if checkpoint is None:
         return
