@@ -20,7 +20,7 @@ import pytest
 
 from conftest import assert_one_line_error, copy_of, rewrite_manifest, run_cli, write_safetensors
 from zipmoe._partial import open_locked, partial_path
-from zipmoe.errors import CheckpointError, FormatError, OutputError
+from zipmoe.errors import CheckpointError, ChecksumError, FormatError, OutputError
 from zipmoe.formats.reader import Container
 from zipmoe.pack import pack
 from zipmoe.unpack import _target, unpack
@@ -438,3 +438,94 @@ def test_json_bounds_scan_long_strings_in_constant_memory():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert load_json(text, ValueError)["n"] == [1]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: the text and its parse only
+
+
+# -- split expert records (format version 4) -----------------------------------------------------------------------
+
+
+def _member_part(doc, record: int = 0, member: int = 0) -> dict:
+    t, p = doc["experts"][record]["members"][member]
+    return doc["tensors"][t]["parts"][p]
+
+
+def _dense_part(doc) -> dict:
+    return next(t for t in doc["tensors"] if t["class"] == "dense" and t["dtype"] == "BF16")["parts"][0]
+
+
+def _plane_outside(doc):
+    record = doc["experts"][0]
+    _member_part(doc, 0, 2)["plane"] = record["offset"] + record["nbytes"]
+
+
+def _planes_overlap(doc):
+    _member_part(doc, 0, 1)["plane"] = _member_part(doc, 0, 0)["plane"]
+
+
+def _plane_on_another_blob(doc):
+    _member_part(doc)["plane"] = _dense_part(doc)["offset"]
+
+
+def _plane_in_exponents(doc):
+    _member_part(doc, 0, 1)["plane"] = _member_part(doc, 0, 1)["offset"]
+
+
+def _plane_on_dense(doc):
+    part = _dense_part(doc)
+    part["plane"] = part["offset"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_plane_outside, r"expert record \(layer 0, expert 0\): the sign-mantissa plane of .* lies outside"),
+        (lambda d: d["experts"][0].update(planes=d["experts"][0]["planes"] + 64), "section at .* is misaligned"),
+        (lambda d: d["experts"][0].update(planes=d["experts"][0]["offset"]), "section at .* is misaligned or outside"),
+        (_planes_overlap, "lies outside the record's sign-mantissa section .* or out of order"),
+        (_plane_in_exponents, "lies outside the record's sign-mantissa section .* or out of order"),
+        (_plane_on_another_blob, "lies outside the record's sign-mantissa section"),
+        (_plane_on_dense, "only a bf16-split expert part may have a sign-mantissa plane apart"),
+        (lambda d: d["files"][0]["blob"].update(plane=64), r"files\[0\].blob.plane: only a bf16-split expert part"),
+        (lambda d: d.update(format_version=3), "planes stored apart need format version 4, the file says 3"),
+        (lambda d: _member_part(d).pop("plane"), "has no sign-mantissa plane apart, in a split record"),
+        (lambda d: d["experts"][0].pop("planes"), "has a sign-mantissa plane apart, in a record that is not split"),
+        (lambda d: d["experts"][0].update(planes="4096"), r"experts\[0\].planes: expected an integer"),
+    ],
+)
+def test_hostile_split_records_are_refused(capsys, packed, tmp_path, mutate, message):
+    container = copy_of(packed, tmp_path)
+    rewrite_manifest(container, mutate)
+    with pytest.raises(FormatError, match=message):
+        Container(container)
+    code, _, err = run_cli(capsys, "verify", str(container))
+    assert_one_line_error(code, err)
+
+
+def test_a_corrupted_plane_is_found_at_its_offset(packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    with Container(container) as c:
+        layout = c.expert_layouts[(1, 2)]
+        member = layout.members[1]
+        plane = member.view.plane_file_offset
+        n_values = member.view.size // 2
+    data = bytearray(container.read_bytes())
+    data[plane + n_values // 2] ^= 0x04  # a sign-mantissa byte, far from the exponent section
+    container.write_bytes(bytes(data))
+    report = verify(container)
+    failures = [f for f in report.failures if "sign-mantissa bytes: checksum mismatch" in f]
+    assert len(failures) == 1 and member.name in failures[0], report.failures
+    offset = int(failures[0].rsplit("file offset ", 1)[1].rstrip(")"))
+    assert plane <= offset <= plane + n_values // 2 < plane + n_values
+    with Container(container) as c, pytest.raises(ChecksumError, match=f"{member.name}.*sign-mantissa bytes"):
+        c.read_expert(1, 2)
+
+
+def test_nonzero_bytes_between_the_sections_are_found(packed, tmp_path):
+    container = copy_of(packed, tmp_path)
+    with Container(container) as c:
+        layout = c.expert_layouts[(0, 1)]
+    data = bytearray(container.read_bytes())
+    data[layout.planes - 1] = 1  # the last byte of the padding after the exponent section
+    container.write_bytes(bytes(data))
+    report = verify(container)
+    assert len(report.failures) == 1, report.failures
+    assert report.failures[0].startswith(f"padding: nonzero byte at file offset {layout.planes - 1} (in padding ")

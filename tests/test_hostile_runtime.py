@@ -15,10 +15,10 @@ from conftest import copy_of, rewrite_manifest, run_cli
 from zipmoe.demo import PRESETS, model_config
 from zipmoe.errors import ChecksumError, FormatError
 from zipmoe.pack import PackOptions, pack
-from zipmoe.runtime.cache import BudgetError
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError, config_problems
 from zipmoe.runtime.engine import Engine, EngineOptions
 from zipmoe.runtime.generate import PromptError, SamplingError, SamplingOptions, generate, prefill
+from zipmoe.runtime.pipeline import BudgetError
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64] * 4
 MIXTRAL = model_config(PRESETS["tiny"])  # the config of the tiny demo checkpoint: 2 layers, 4 experts, context 4096
@@ -271,7 +271,7 @@ def test_a_long_prompt_is_prefilled_in_bounded_chunks(tiny):
         (["--memory-budget", "9" * 400], "size '9999999999999999999999999999999999999...' is too large (at most 2**63"),
         (["--memory-budget", "1e400"], "cannot read size '1e400'"),
         (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
-        (["--warmup", "bogus"], "unknown warmup 'bogus' (choose pcw, none, empty)"),
+        (["--warmup", "bogus"], "unknown warmup 'bogus' (choose pcw, last-layer, random, empty)"),
         (["--mode", "garbage"], "unknown mode 'garbage' (choose lossless or qN-base; q8, q4 and dbsc need a container"),
         (["--mode", "q4"], "--mode q4: this container holds no AMAT slices (pack it with --slices 8:4)"),
         (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a prompt in the model's context of"),
@@ -293,7 +293,8 @@ def test_nan_options_are_refused_by_the_library_too():
     for kwargs in ({"temperature": float("nan")}, {"top_p": float("nan")}, {"seed": -1}, {"max_new_tokens": 0}):
         with pytest.raises(SamplingError):
             SamplingOptions(**kwargs)
-    for kwargs in ({"decoded_fraction": float("nan")}, {"critical_threshold": float("nan")}, {"warmup": "hot"}):
+    for kwargs in ({"tiers": "decoded=nan"}, {"critical_threshold": float("nan")}, {"warmup": "hot"},
+                   {"tiers": "decoded=0.8,sm=0.8"}, {"tiers": "gpu=1"}, {"policy": "mru"}, {"io": "mmap"}):
         with pytest.raises(BudgetError):
             EngineOptions(**kwargs)
 

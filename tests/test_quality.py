@@ -66,5 +66,5 @@ def test_pcw_starts_decoding_with_fewer_misses_than_an_empty_cache(trained, held
                                            memory_budget="30%")) as e:  # fmt: skip
             prompt = e.tokenizer.encode(heldout)[:256]
             e.generate_tokens(prompt, SamplingOptions(max_new_tokens=17, stop_at_eos=False))
-            first_misses[warmup] = sum(e.cache.stats.decode_misses[:16])
+            first_misses[warmup] = sum(e.pipeline.stats.decode_misses[:16])
     assert first_misses["pcw"] < first_misses["empty"], first_misses

@@ -1,20 +1,17 @@
 """The runtime: logits and tokens against transformers, bit-identical serving from a container, the cache."""
 
 import json
-import time
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import run_cli
 from zipmoe.pack import PackOptions, pack
-from zipmoe.runtime.cache import BudgetError, ExpertCache
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
 from zipmoe.runtime.engine import Engine, EngineOptions, parse_size
 from zipmoe.runtime.generate import SamplingOptions, generate
 from zipmoe.runtime.model import InMemoryExperts, Transformer
-from zipmoe.runtime.store import StorageThrottle
+from zipmoe.runtime.pipeline import BudgetError
 from zipmoe.runtime.weights import load_checkpoint
 
 RUNTIME_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -69,7 +66,8 @@ def test_container_serves_the_same_bits_as_the_safetensors(checkpoints, family):
             assert torch.equal(logits, expected)
             assert greedy(e.model) == expected_tokens
             if budget == "minimum":
-                assert e.cache.stats.hits["storage"] > 0 and e.cache.stats.peak_bytes <= e.budget
+                stats = e.pipeline.stats
+                assert stats.served_from["storage"] > 0 and stats.peak_bytes <= e.budget
             e.close()
 
 
@@ -83,22 +81,33 @@ def test_fused_layout_serves_like_per_expert(checkpoints):
         )
 
 
-def test_small_budget_gives_the_tokens_of_an_unlimited_one(checkpoints):
+TIER_MIXES = [
+    ("decoded=1", "lru"),
+    ("compressed=1", "lru"),
+    ("sm=1", "lru"),
+    ("decoded=0.5,compressed=0.5", "lru"),
+    ("decoded=0.3,sm=0.7", "lfu"),
+    ("decoded=0.2,compressed=0.4,sm=0.4", "lfu"),
+]
+
+
+@pytest.mark.parametrize("tiers, policy", TIER_MIXES)
+def test_small_budget_gives_the_tokens_of_an_unlimited_one(checkpoints, tiers, policy):
     packed = checkpoints.packed(checkpoints.demo("tiny"))
     sampling = SamplingOptions(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, stop_at_eos=False)
     with engine(packed) as unlimited:
         expected = unlimited.generate_tokens(PROMPT, sampling).tokens
-        assert unlimited.cache.stats.hits["storage"] == len(unlimited.container.experts)  # each read once
+        assert unlimited.pipeline.stats.served_from["storage"] == len(unlimited.container.experts)  # each read once
         # the minimum, plus room for about five of the eight experts compressed
-        budget = unlimited.cache_minimum() + 5 * unlimited.store.record_nbytes
-    for fraction in (0.0, 0.5, 1.0):
-        with engine(packed, memory_budget=budget, decoded_fraction=fraction) as small:
-            assert small.generate_tokens(PROMPT, sampling).tokens == expected
-            stats = small.cache.stats
-            assert stats.peak_bytes <= small.budget
-            assert stats.hits["storage"] > len(small.container.experts)  # experts were evicted and read again
-            if fraction == 0.0:
-                assert stats.hits["compressed"] > 0
+        budget = unlimited.cache_minimum() + 5 * unlimited.source.record_nbytes
+    with engine(packed, memory_budget=budget, tiers=tiers, policy=policy) as small:
+        assert small.generate_tokens(PROMPT, sampling).tokens == expected
+        stats = small.pipeline.stats
+        assert stats.peak_bytes <= small.budget
+        assert stats.served_from["storage"] > len(small.container.experts)  # experts were evicted and read again
+        for tier in ("compressed", "sm"):
+            if f"{tier}=1" in tiers or f"{tier}=0.7" in tiers:  # room for several experts: some hits
+                assert stats.served_from.get(tier, 0) > 0
 
 
 def test_budget_below_the_minimum(checkpoints):
@@ -115,7 +124,7 @@ def test_uncompressed_container_serves_the_same_tokens(checkpoints, tmp_path):
     pack(str(source), raw, PackOptions(coder=None))
     with engine(checkpoints.packed(source)) as compressed, engine(raw) as uncompressed:
         assert greedy(compressed.model) == greedy(uncompressed.model)
-        assert uncompressed.store.record_nbytes > 1.4 * compressed.store.record_nbytes
+        assert uncompressed.source.record_nbytes > 1.4 * compressed.source.record_nbytes
 
 
 def test_unsupported_architecture_lists_the_supported_ones(checkpoints):
@@ -147,14 +156,6 @@ def test_text_generation_with_the_embedded_tokenizer(checkpoints):
             "Hello", SamplingOptions(max_new_tokens=8, stop_at_eos=False), on_text=pieces.append
         )
         assert "".join(pieces) == text and len(result.tokens) == 8 and result.ttft > 0
-
-
-def test_storage_throttle_models_bandwidth():
-    throttle = StorageThrottle(1e6)  # 1 MB/s
-    start = time.perf_counter()
-    throttle.transfer(50_000)
-    throttle.transfer(50_000)  # queued behind the first
-    assert time.perf_counter() - start >= 0.099
 
 
 def test_parse_size():
@@ -199,13 +200,14 @@ def test_cli_run_errors(capsys, checkpoints, args, fragment):
     assert code == 1 and err.startswith("Error: ") and fragment in err and "Traceback" not in err
 
 
-def test_expert_cache_exposes_its_accounting(checkpoints):
-    with engine(checkpoints.packed(checkpoints.demo("tiny")), memory_budget="2.5MB", decoded_fraction=0.5) as e:
-        cache: ExpertCache = e.cache
+def test_pipeline_exposes_its_accounting(checkpoints):
+    with engine(checkpoints.packed(checkpoints.demo("tiny")), memory_budget="2.5MB", tiers="decoded=0.5,sm=0.5") as e:
         greedy(e.model, 8)
-        assert cache.bytes_in_use <= cache.capacity["decoded"] + cache.capacity["compressed"]
-        assert cache.stats.requests == sum(cache.stats.hits.values())
-        assert np.isclose(sum(cache.stats.hit_rate(t) for t in cache.stats.hits), 1.0)
+        tiers, stats = e.tiers, e.pipeline.stats
+        assert tiers.used <= tiers.capacity_total and all(p.used <= p.capacity for p in tiers.pools.values())
+        assert stats.total_requests == sum(stats.served_from.values())
+        assert sum(stats.rate(where) for where in stats.served_from) == pytest.approx(1.0)
+        assert stats.bytes_decoded > 0 and stats.total_bytes_read > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -219,9 +221,9 @@ def test_cuda_serving_matches_cpu_and_ignores_the_budget(checkpoints):
         logits = gpu.model.forward(tokens.cuda(), 0, gpu.model.new_cache(16), all_logits=True).cpu()
         assert torch.allclose(logits, expected, atol=1e-4)
         unlimited = greedy(gpu.model, 12)
-        budget = gpu.cache_minimum() + 2 * gpu.store.record_nbytes
+        budget = gpu.cache_minimum() + 2 * gpu.source.record_nbytes
     with Engine(packed, EngineOptions(device="cuda", dtype="bfloat16", memory_budget=budget)) as small:
         with Engine(packed, EngineOptions(device="cuda", dtype="bfloat16")) as big:
             assert greedy(small.model, 12) == greedy(big.model, 12)
-        assert small.cache.stats.hits["storage"] > len(small.container.experts)
+        assert small.pipeline.stats.served_from["storage"] > len(small.container.experts)
     assert len(unlimited) == 12

@@ -25,7 +25,7 @@ def test_layout_msb_and_lsb_records_apart(sliced):
     _, path = sliced
     with Container(path) as c:
         m = c.manifest
-        assert c.header.format_version == m.format_version == (3 if m.small_tensors else 2)
+        assert c.header.format_version == m.format_version == 4  # split expert records
         assert m.slices == SliceSpec(8, 4)
         assert len(m.slice_records) == 2 * len(m.experts)
         spans = {}
@@ -151,10 +151,10 @@ def test_slices_that_do_not_match_the_weights_fail_verify(checkpoints, tmp_path,
         (lambda d: d["slices"].update(high_bits=12), "slices need 1 <= low bits < high bits <= 8"),
         (lambda d: (d.pop("slices"), d.pop("small_tensors"), d.update(format_version=2)), "missing: a version 2 file"),
         (lambda d: d.update(format_version=1), "slices need format version 2, the file says 1"),
-        (lambda d: d.update(format_version=2), "a version 3 file, and only such a file, holds small tensors"),
+        (lambda d: d.update(format_version=2), "small tensors need format version 3, the file says 2"),
         (
             lambda d: (d.pop("slices"), d.pop("small_tensors"), d.update(format_version=1)),
-            "the header says format version 3, the manifest 1",
+            "sign-mantissa planes stored apart need format version 4, the file says 1",
         ),  # fmt: skip
     ],
 )

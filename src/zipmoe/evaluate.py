@@ -131,6 +131,7 @@ def _score(engine: Engine, mode: str, batches: list[list[int]], progress: Callab
     started = time.perf_counter()
     total, count = 0.0, 0
     engine.model.experts.on_phase("prefill")
+    engine.model.experts.on_phase("decode")  # every scored token is a prediction, as in decoding (dbsc per token)
     for ids in batches:
         tokens = torch.tensor(ids, device=engine.device)
         cache = engine.model.new_cache(len(ids) - 1)

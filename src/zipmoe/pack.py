@@ -1,7 +1,9 @@
 """`pack`: a Hugging Face checkpoint in, one verified container out.
 
 Order of the file: embedded files (config, tokenizer, index), each safetensors header (and any bytes no tensor
-covers), dense tensors in checkpoint order, then one record per routed expert sorted by (layer, expert). Tensors
+covers), dense tensors in checkpoint order, then one record per routed expert sorted by (layer, expert). An expert
+whose parts are all bf16-split gets a split record (format version 4): the exponent pieces of its parts, then, from
+the next aligned offset, their sign-mantissa planes; only the planes of the current expert are held meanwhile. Tensors
 are read one part at a time into reused buffers, so memory grows with the largest tensor, never with the model.
 Every part is decoded again right after it is encoded and compared with its source bit for bit; when the file is
 complete every checksum is read back from disk before the file is renamed into place.
@@ -14,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from zipmoe.codecs.parts import (
     check_part,
     decode_part,
     encode_part,
+    split_part,
 )
 from zipmoe.errors import OutputError, VerificationError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
@@ -245,6 +248,8 @@ def _check_written(path: Path, workers: Workers) -> None:
         for label, view in container.stored_blobs():
             failures = check_part(container.data, view, workers)
             container.release(view.offset, view.nbytes)
+            if view.plane is not None:
+                container.release(view.plane, view.size // 2)
             if failures:
                 raise VerificationError(f"{path}: {label}: {failures[0].describe()}")
 
@@ -275,6 +280,7 @@ class _Packer:
             self.stats[MSB], self.stats[LSB] = ClassStats(), ClassStats()
         self.slice_records: list[SliceRecord] = []
         self._slices: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # the expert being written
+        self._planes: list[np.ndarray] = []  # sign-mantissa planes of the split record being written
         # Small dense tensors go into raw runs with the bytes around them, listed only by their safetensors header;
         # the others in checkpoint order: (file index, offset).
         self.small = {
@@ -323,14 +329,27 @@ class _Packer:
         self.checkpoint.files[file_index].read_into(start, data)
         return data
 
-    def _pack_part(self, file_index: int, tensor: SourceTensor, part: int, n_parts: int, in_record: bool) -> Blob:
+    def _pack_part(
+        self, file_index: int, tensor: SourceTensor, part: int, n_parts: int, in_record: bool, split: bool = False
+    ) -> Blob:
+        """Encode and write one part; with ``split`` write only its exponent piece and keep its plane in
+        ``_planes`` (the blob's ``plane`` is set once the planes are written)."""
         size = tensor.nbytes // n_parts
         data = self._read(file_index, tensor.start + part * size, size)
         hashing: Future[Any] = self._hasher.submit(self._hash_update, tensor.name, data)
         enc_index, encoding = self._encoding_of(tensor)
         label = f"{tensor.name}" + (f" part {part}" if n_parts > 1 else "")
         encoded = self._encode_checked(data, encoding, label)
-        offset = self.writer.write_part(encoded.data) if in_record else self.writer.write_record(encoded.data)
+        nbytes = encoded.data.size
+        if split:
+            pieces, plane = split_part(encoded, size // 2)
+            self._planes.append(plane.copy())  # not a view: the rest of the encoded part is freed once written
+            offset = self.writer.write_part(*pieces)
+            nbytes -= plane.size
+        elif in_record:
+            offset = self.writer.write_part(encoded.data)
+        else:
+            offset = self.writer.write_record(encoded.data)
         if in_record and self.spec is not None:
             rows, cols = self.spec.check_shape(tensor.name, tensor.shape[1:] if n_parts > 1 else tensor.shape)
             msb, lsb = quantize_tensor(data.view(np.uint16), rows, cols, self.spec, self.workers, name=label)
@@ -342,7 +361,7 @@ class _Packer:
         cls = CLASS_EXPERT if tensor.name in self.layout.experts else CLASS_DENSE
         self.stats[cls].add(size, encoded.data.size, encoded.exponent_histogram)
         self.progress(size)
-        return Blob(offset, encoded.data.size, size, encoded.n_chunks, encoded.directory_xxh64)
+        return Blob(offset, nbytes, size, encoded.n_chunks, encoded.directory_xxh64)
 
     def _hash_update(self, name: str, data: np.ndarray) -> None:
         self.hashes.setdefault(name, hashlib.sha256()).update(data)
@@ -445,12 +464,26 @@ class _Packer:
         records = []
         for (layer, expert), members in sorted(groups.items()):
             members.sort(key=lambda m: (m[0], m[1]))  # checkpoint order: (file, offset)
+            split = (
+                isinstance(self.bf16, Bf16Split)
+                and all(t.dtype == "BF16" for _, _, t, _, _ in members)
+                and any(t.nbytes for _, _, t, _, _ in members)
+            )
             self.writer.begin_record()
-            for file_index, _, tensor, part, n_parts in members:
-                self.parts[tensor.name][part] = self._pack_part(file_index, tensor, part, n_parts, in_record=True)
+            blobs = [
+                self._pack_part(file_index, tensor, part, n_parts, in_record=True, split=split)
+                for file_index, _, tensor, part, n_parts in members
+            ]
+            planes = None
+            if split:
+                planes = self.writer.begin_planes()
+                blobs = [replace(blob, plane=self.writer.write_part(plane)) for blob, plane in zip(blobs, self._planes)]
+                self._planes = []
+            for (_, _, tensor, part, _), blob in zip(members, blobs):
+                self.parts[tensor.name][part] = blob
             offset, nbytes = self.writer.end_record()
             member_ids = tuple((self.index[t.name], part) for _, _, t, part, _ in members)
-            records.append(ExpertRecord(layer, expert, offset, nbytes, member_ids))
+            records.append(ExpertRecord(layer, expert, offset, nbytes, member_ids, planes))
             if self.spec is not None:
                 self._write_slices(layer, expert)
         return tuple(records)

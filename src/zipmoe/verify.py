@@ -227,6 +227,8 @@ def _check_tensor(
             intact = False
         digest.update(part_out)
         container.release(blob.offset, blob.nbytes)
+        if blob.plane is not None:
+            container.release(blob.plane, blob.size // 2)
         position += blob.size
     report.decoded_bytes += position
     if not intact:

@@ -5,8 +5,8 @@
 Fixtures are never regenerated in place: a change of format adds a new version folder (v2/ ...), and the tests keep
 reading every older one. The source checkpoint is built with numpy from fixed seeds, so it does not depend on torch.
 v1 is a container without slices; v2 the same kind of checkpoint, with expert dimensions a multiple of the slice
-group size, packed with ``--slices 8:4``; v3 (the latest) the v2 checkpoint packed the same way, its dense tensors
-(all small) stored in raw runs.
+group size, packed with ``--slices 8:4``; v3 the v2 checkpoint packed the same way, its dense tensors (all small)
+stored in raw runs; v4 (the latest) the same again, its expert records split (sign-mantissa planes apart).
 """
 
 from __future__ import annotations

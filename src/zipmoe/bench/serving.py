@@ -1,18 +1,27 @@
 """`zipmoe bench run`: serving speed under a memory budget, against the baselines, each in a fresh process.
 
-Every configuration generates the same tokens (greedy, fixed prompt ids, EOS ignored) from the same checkpoint:
+Every configuration generates from the same prompt ids (greedy, EOS ignored) on the same checkpoint, with the same
+routing: by default a synthetic trace calibrated to a real router (``synthetic:qwen``, `zipmoe.runtime.routing`)
+replaces the random-init router's choices, so every layer computes exactly the experts the trace names (the tokens
+are then not the model's own, but the same in every row, and equal to the full model's under the same trace).
+Configurations:
 
 * ``full``: every weight in memory, no cache (the upper bound);
-* ``uncompressed``: the same runtime, reading a container packed with ``--coder none``, one decoded LRU tier;
-* ``zipmoe``: the lossless container with the decoded and compressed tiers;
+* ``uncompressed``: the same runtime on a container packed with ``--coder none``, in its best configuration: every
+  candidate (`BASELINE_CANDIDATES`: decoded LRU or LFU, a tier of raw BF16 records, a mix) runs, and the fastest
+  TPOT is labelled ``uncompressed`` (the others are kept as ``uncompressed candidate`` rows);
+* ``zipmoe``: the lossless container with the runtime's default tiers and policy (`EngineOptions`), and any
+  ``--sweep`` configuration as ``zipmoe TIERS POLICY``;
+* ``zipmoe, router``: the model's own router, the correctness row (the same tokens as ``full, router``);
 * ``zipmoe, all hits``: a budget that holds every expert decoded, timed on a second generation;
 * ``accelerate``: transformers with accelerate's disk offload of half of the routed experts (whole layers, the
   granularity accelerate offloads at) and everything else in memory, reading from the page cache.
 
-Budgets are percentages of the checkpoint's BF16 expert bytes and cover the expert cache (decoded experts are
-float32 on a CPU, twice their BF16 size; BF16 on a GPU). Storage is simulated with ``--simulate-storage`` (see
-`zipmoe.runtime.store`); "none" reads from the page cache at full speed. Each configuration runs in its own process,
-so its peak resident memory above what it had after loading the dense weights measures the cache's real footprint.
+Budgets are percentages of the checkpoint's BF16 expert bytes and cover the expert tiers and the fetches in flight
+(decoded experts are float32 on a CPU, twice their BF16 size; BF16 on a GPU). Storage is simulated at a bandwidth
+(``--storage 1.25``: reads through the page cache, then a wait as if a device of that speed served them) or real
+(``direct``: O_DIRECT reads from the disk, bypassing the page cache). Each configuration runs in its own process, so
+its peak resident memory above what it had after loading the dense weights measures the cache's real footprint.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ import numpy as np
 
 from zipmoe.errors import ZipmoeError
 
+DIRECT = "direct"
+ROUTER = "router"
+# (tiers, policy) the uncompressed baseline tries at every budget and storage; the fastest is reported
+BASELINE_CANDIDATES = (
+    ("decoded=1", "lru"),
+    ("decoded=1", "lfu"),
+    ("compressed=1", "lfu"),
+    ("decoded=0.5,compressed=0.5", "lfu"),
+)
+
 
 @dataclass
 class ServingRow:
@@ -37,14 +56,21 @@ class ServingRow:
 
     method: str
     budget_percent: float | None
-    storage_gbps: float | None
+    storage: float | str | None  # simulated GB/s, "direct", or None (the page cache at full speed)
     result: dict[str, Any] = field(default_factory=dict)
+    config: str = ""  # tiers and policy, for runtime rows
+
+    @property
+    def storage_gbps(self) -> float | None:
+        return self.storage if isinstance(self.storage, float) else None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "budget_percent": self.budget_percent,
             "storage_gbps": self.storage_gbps,
+            "io": "direct" if self.storage == DIRECT else "buffered",
+            "config": self.config,
             **self.result,
         }
 
@@ -55,6 +81,18 @@ def _current_rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _trace(config: dict[str, Any], args: Any) -> Any:
+    """The routing trace of a configuration (None: the model's own router)."""
+    if config["routing"] == ROUTER:
+        return None
+    from zipmoe.runtime.routing import parse_routing
+
+    return parse_routing(
+        config["routing"], num_layers=sum(args.sparse_layers), num_experts=args.n_experts, top_k=args.top_k,
+        requests=1, tokens_per_request=len(config["prompt"]) + config["new_tokens"], seed=0,
+    )  # fmt: skip
 
 
 def _child(config: dict[str, Any]) -> dict[str, Any]:
@@ -73,37 +111,47 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if method == "accelerate":
         return _accelerate(config, prompt, sampling)
-    if method == "full":
+    if method.startswith("full"):
         from zipmoe.runtime.model import InMemoryExperts, Transformer
+        from zipmoe.runtime.routing import RoutingReplay
         from zipmoe.runtime.weights import load_checkpoint
 
         args, dense, experts = load_checkpoint(config["checkpoint"], device, dtype)
         model = Transformer(args, dense, InMemoryExperts(experts))
+        trace = _trace(config, args)
         loaded = _current_rss()
         generate(model, prompt[:4], SamplingOptions(max_new_tokens=2))  # warm-up (GPU kernels, allocator)
+        if trace is not None:
+            model.replay = RoutingReplay(trace, 0)
         result = generate(model, prompt, sampling)
     else:
         from zipmoe.codecs.parts import warm_up
         from zipmoe.runtime.engine import Engine, EngineOptions
 
         warm_up()
+        storage = config["storage"]
         options = EngineOptions(
             device=device.type,
             dtype=str(dtype).removeprefix("torch."),
             memory_budget=config["budget"],
-            decoded_fraction=config["decoded_fraction"],
+            tiers=config.get("tiers"),
+            policy=config.get("policy") or "lru",
             threads=config["threads"],
-            simulate_storage_gbps=config["storage_gbps"],
+            io=DIRECT if storage == DIRECT else "buffered",
+            simulate_storage_gbps=storage if isinstance(storage, float) else None,
         )
         engine = Engine(config["container"], options)
+        engine.replay_routing(_trace(config, engine.args))
         loaded = _current_rss()
         if config.get("warm"):
             engine.generate_tokens(prompt, sampling)
-            engine.cache.stats.__init__()  # count the timed generation only
+            engine.pipeline.stats.__init__()  # count the timed generation only
         result = engine.generate_tokens(prompt, sampling)
-        out["cache"] = engine.cache.stats.to_json()
+        out["cache"] = engine.pipeline.stats.to_json()
         out["budget_bytes"] = engine.budget
         out["dense_bytes"] = engine.dense_bytes
+        out["io"] = engine.storage.io
+        out["storage_warning"] = engine.storage.warning
         engine.close()
     out.update(
         tokens=result.tokens,
@@ -113,6 +161,8 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
         rss_after_load=loaded,
         peak_rss=peak_rss_bytes(),
     )
+    if "cache" in out:
+        out["bytes_read"] = out["cache"]["bytes_read"]
     return out
 
 
@@ -198,8 +248,9 @@ def run_serving_bench(
     uncompressed: Path,
     *,
     budgets: tuple[float, ...] = (25, 50, 100),
-    storages: tuple[float, ...] = (1.25, 3.5),
-    decoded_fraction: float | None = None,
+    storages: tuple[float | str, ...] = (1.25, DIRECT),
+    routing: str = "synthetic:qwen",
+    sweep: tuple[tuple[str, str], ...] = (),
     prompt_tokens: int = 32,
     new_tokens: int = 32,
     accelerate_tokens: int = 4,
@@ -208,43 +259,52 @@ def run_serving_bench(
     vocab: int = 256,
     on_row: Any = None,
 ) -> list[ServingRow]:
-    """Run every configuration (see the module docstring); returns one row each, the ``full`` row first."""
+    """Run every configuration (see the module docstring); returns one row each, the ``full`` rows first.
+
+    ``sweep``: extra zipmoe configurations ``(tiers, policy)`` at every budget and storage.
+    """
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
-    base = {
-        "prompt": prompt, "new_tokens": new_tokens, "threads": threads, "decoded_fraction": decoded_fraction,
-        "device": device,
-    }  # fmt: skip
+    base = {"prompt": prompt, "new_tokens": new_tokens, "threads": threads, "device": device, "routing": routing}
     note = on_row or (lambda s: None)
     rows = []
 
-    def run(method: str, budget: float | None, storage: float | None, **extra: Any) -> ServingRow:
-        note(
-            f"{method}, budget {'everything' if budget is None else f'{budget:g}%'}, storage {storage or 'page cache'}"
-        )
-        config = {**base, "method": method, "storage_gbps": storage, "checkpoint": str(checkpoint)}
+    def run(method: str, budget: float | None, storage: float | str | None, **extra: Any) -> ServingRow:
+        config_label = " ".join(filter(None, (extra.get("tiers"), extra.get("policy"))))
+        where = "page cache" if storage is None else storage if storage == DIRECT else f"{storage:g} GB/s"
+        note(f"{method} {config_label}, budget {'everything' if budget is None else f'{budget:g}%'}, {where}")
+        config = {**base, "method": method, "storage": storage, "checkpoint": str(checkpoint)}
         config.update(budget=None if budget is None else f"{budget}%", **extra)
-        row = ServingRow(method, budget, storage, _run_child(config))
+        row = ServingRow(method, budget, storage, _run_child(config), config_label)
         rows.append(row)
         return row
 
     full = run("full", None, None)
+    full_router = run("full, router", None, None, routing=ROUTER) if routing != ROUTER else full
     for storage in storages:
         for budget in budgets:
-            run("uncompressed", budget, storage, container=str(uncompressed), decoded_fraction=1.0)
+            candidates = [
+                run("uncompressed candidate", budget, storage, container=str(uncompressed), tiers=tiers, policy=policy)
+                for tiers, policy in BASELINE_CANDIDATES
+            ]
+            best = min(candidates, key=lambda r: r.result["tpot_seconds"])
+            rows.append(ServingRow("uncompressed", budget, storage, dict(best.result), best.config))
             run("zipmoe", budget, storage, container=str(container))
-    run("zipmoe, all hits", None, None, container=str(container), warm=True, decoded_fraction=1.0)
-    run("zipmoe", 50, None, container=str(container))
+            for tiers, policy in sweep:
+                run(f"zipmoe {tiers} {policy}", budget, storage, container=str(container), tiers=tiers, policy=policy)
+    run("zipmoe, router", min(budgets), storages[0], container=str(container), routing=ROUTER)
+    run("zipmoe, all hits", None, None, container=str(container), warm=True, tiers="decoded=1")
     accelerate = {**base, "method": "accelerate", "checkpoint": str(checkpoint), "new_tokens": accelerate_tokens}
     accelerate["offload_fraction"] = 0.5
-    note("accelerate disk offload")
+    note("accelerate disk offload (the model's own router)")
     try:
         rows.append(ServingRow("accelerate", 50, None, _run_child(accelerate)))
     except ZipmoeError as exc:
         rows.append(ServingRow("accelerate", 50, None, {"error": str(exc)}))
-    for row in rows:  # every configuration must generate the reference tokens (accelerate: its first ones)
+    for row in rows:  # every configuration must generate the reference tokens of its routing (accelerate: first ones)
         tokens = row.result.get("tokens")
+        reference = full_router if row.method in ("accelerate", "zipmoe, router", "full, router") else full
         if tokens is not None:
-            row.result["tokens_match_full"] = tokens == full.result["tokens"][: len(tokens)]
+            row.result["tokens_match_full"] = tokens == reference.result["tokens"][: len(tokens)]
     return rows
 
 

@@ -6,8 +6,11 @@ simulated storage, generating from the same prompt (the first tokens of the eval
 * ``lossless``: BF16 experts through the compression-aware cache (decoded float32/BF16 experts);
 * ``q8``: AMAT high bits (MSB and LSB slices, an LRU of experts);
 * ``q4``: AMAT low bits (MSB slices alone);
-* ``dbsc``: critical experts at 8 bits, the rest at 4; MSB slices LRU, LSB slices evicted first; no warmup;
+* ``dbsc``: the prefill at 8 bits; decoding: critical experts (router probability at least the threshold, at most
+  two per token) at 8 bits, the rest at 4; MSB slices LRU, LSB slices evicted first; decoding starts with what LRU
+  left after the prefill (the last layers' slices: the ``last-layer`` warm start);
 * ``dbsc+pcw``: the same with predictive cache warmup;
+* ``dbsc+random``: the cache refilled with random experts' MSB slices when decoding starts;
 * ``dbsc+empty``: the cache emptied when decoding starts (the paper's baseline for PCW).
 
 Perplexity is measured on the evaluation text with every expert in memory, since the budget changes what is read,
@@ -29,11 +32,12 @@ from zipmoe.runtime.generate import SamplingOptions
 
 # (label, mode, warmup)
 METHODS = (
-    ("lossless", "lossless", "none"),
-    ("q8", "q8", "none"),
-    ("q4", "q4", "none"),
-    ("dbsc", "dbsc", "none"),
+    ("lossless", "lossless", "last-layer"),
+    ("q8", "q8", "last-layer"),
+    ("q4", "q4", "last-layer"),
+    ("dbsc", "dbsc", "last-layer"),
     ("dbsc+pcw", "dbsc", "pcw"),
+    ("dbsc+random", "dbsc", "random"),
     ("dbsc+empty", "dbsc", "empty"),
 )
 FIRST_DECODE_TOKENS = 16
@@ -152,7 +156,7 @@ def run_slice_bench(
                 row.tpot_seconds.append(result.tpot)
                 row.ttft_seconds.append(result.ttft)
                 row.tokens = result.tokens
-                row.cache = engine.cache.stats.to_json()
+                row.cache = engine.pipeline.stats.to_json()
     ppl: dict[str, float] = {}
     for row in rows:
         if row.mode not in ppl:

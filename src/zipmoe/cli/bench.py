@@ -10,7 +10,7 @@ import typer
 from zipmoe.bench.codecs import DEFAULT_CHUNKS, DEFAULT_CODERS, run_codec_bench
 from zipmoe.bench.pack import run_pack_bench
 from zipmoe.cli._options import JsonOpt, QuietOpt, ThreadsOpt
-from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, styled, table
+from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, stdout, styled, table, warn
 from zipmoe.demo import cached_demo_checkpoint
 from zipmoe.errors import ZipmoeError
 from zipmoe.formats.checkpoint import open_checkpoint
@@ -177,71 +177,121 @@ def run(
         str, typer.Option("--budgets", help="Comma-separated budgets, % of BF16 expert bytes.")
     ] = "25,50,100",
     storages: Annotated[
-        str, typer.Option("--storage", help="Comma-separated simulated storage speeds, GB/s.")
-    ] = "1.25,3.5",
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per configuration.")] = 32,
-    decoded_fraction: Annotated[
-        Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, help="zipmoe's decoded share.")
+        str,
+        typer.Option(
+            "--storage",
+            help="Comma-separated storage: a simulated speed in GB/s, or direct (O_DIRECT reads from the disk).",
+        ),
+    ] = "1.25,direct",
+    routing: Annotated[
+        str,
+        typer.Option(
+            "--routing",
+            help="Which experts each token uses: synthetic:qwen, synthetic:deepseek (calibrated to real routers), "
+            "a trace recorded with zipmoe run --record-routing, or router (the model's own).",
+        ),
+    ] = "synthetic:qwen",
+    sweep: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sweep",
+            help="Extra zipmoe configurations, TIERS:POLICY separated by semicolons (e.g. 'decoded=1:lru;sm=1:lfu').",
+        ),
     ] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (the prefill).")] = 32,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per configuration.")] = 32,
     threads: ThreadsOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu (float32 compute) or cuda (bfloat16).")] = "cpu",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """TTFT and TPOT under memory budgets and simulated storage: zipmoe vs an uncompressed LRU cache, the full model
-    in memory, and transformers + accelerate disk offload."""
+    """TTFT and TPOT under memory budgets and storage speeds: zipmoe vs the best uncompressed configuration of the
+    same runtime, the full model in memory, and transformers + accelerate disk offload."""
     from zipmoe._threads import available_cpus
-    from zipmoe.bench.serving import run_serving_bench
-    from zipmoe.codecs.coders import RansCoder
-    from zipmoe.pack import PackOptions
-    from zipmoe.pack import pack as run_pack
+    from zipmoe.bench.serving import DIRECT, run_serving_bench
 
     source = Path(_resolve_serving(checkpoint))
-    containers = {}
-    for name, coder in (("zipmoe", RansCoder()), ("uncompressed", None)):
-        path = source.parent / f"{source.name}.{name}.zmoe"
-        if not path.exists():
-            if not quiet:
-                stderr.print(f"packing {source} into {path}")
-            run_pack(str(source), path, PackOptions(coder=coder))
-        containers[name] = path
+    containers = _serving_containers(source, quiet)
+    try:
+        storage_list = tuple(DIRECT if s.strip() == DIRECT else float(s) for s in storages.split(","))
+        budget_list = tuple(float(b) for b in budgets.split(","))
+    except ValueError:
+        raise ZipmoeError("--budgets takes numbers, --storage numbers (GB/s) or direct, separated by commas") from None
+    sweep_list = []
+    for item in filter(None, (sweep or "").split(";")):
+        tiers, _, policy = item.rpartition(":")
+        if not tiers:
+            raise ZipmoeError(f"--sweep: expected TIERS:POLICY, got {item!r}")
+        sweep_list.append((tiers, policy))
     rows = run_serving_bench(
-        source, containers["zipmoe"], containers["uncompressed"],
-        budgets=tuple(float(b) for b in budgets.split(",")), storages=tuple(float(s) for s in storages.split(",")),
-        decoded_fraction=decoded_fraction, new_tokens=new_tokens, threads=threads or available_cpus(), device=device,
+        source, containers["zipmoe"], containers["uncompressed"], budgets=budget_list, storages=storage_list,
+        routing=routing, sweep=tuple(sweep_list), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        threads=threads or available_cpus(), device=device,
         on_row=None if quiet else (lambda s: stderr.print(f"running {s}")),
     )  # fmt: skip
     if json_output:
         print_json([r.to_json() for r in rows])
         return
-    baseline = {(r.budget_percent, r.storage_gbps): r.result for r in rows if r.method == "uncompressed"}
-    t = table("method", "budget", "storage", "TTFT", "TPOT", "tok/s", "TPOT vs uncompressed", "served dec/comp/storage",
-              "read", "cache peak / budget", "RSS growth", "same tokens", title=f"zipmoe run on {source}")  # fmt: skip
+    baseline = {(r.budget_percent, r.storage): r.result for r in rows if r.method == "uncompressed"}
+    t = table("method", "config", "budget", "storage", "TTFT", "TPOT", "TPOT vs unc.", "TTFT vs unc.",
+              "served dec/comp/sm/storage", "read", "storage busy", "peak / budget", "RSS growth", "same tokens",
+              title=f"zipmoe run on {source}, routing {routing}")  # fmt: skip
     for r in rows:
         res = r.result
         if "error" in res:
-            t.add_row(r.method, "-", "-", res["error"], *["-"] * 8)
+            t.add_row(r.method, "-", "-", "-", res["error"], *["-"] * 9)
             continue
-        base = baseline.get((r.budget_percent, r.storage_gbps))
+        base = baseline.get((r.budget_percent, r.storage))
         cache = res.get("cache")
-        served = (
-            "-" if not cache else "/".join(str(cache["served_from"][k]) for k in ("decoded", "compressed", "storage"))
-        )
+        served = "-" if not cache else "/".join(
+            str(cache["served_from"].get(k, 0)) for k in ("decoded", "compressed", "sm", "storage")
+        )  # fmt: skip
+        busy = None if not cache else cache.get("storage_busy")
+        versus = base is not None and not r.method.startswith("uncompressed")
         t.add_row(
             r.method,
+            r.config or "-",
             "-" if r.budget_percent is None else f"{r.budget_percent:g}%",
-            "page cache" if r.storage_gbps is None else f"{r.storage_gbps:g} GB/s",
+            "page cache" if r.storage is None else r.storage if isinstance(r.storage, str) else f"{r.storage:g} GB/s",
             f"{res['ttft_seconds'] * 1000:.0f} ms",
             f"{res['tpot_seconds'] * 1000:.1f} ms",
-            f"{res['tokens_per_second']:.2f}",
-            "-" if base is None or r.method == "uncompressed" else f"{res['tpot_seconds'] / base['tpot_seconds']:.2f}x",
+            f"{res['tpot_seconds'] / base['tpot_seconds']:.2f}x" if versus else "-",
+            f"{res['ttft_seconds'] / base['ttft_seconds']:.2f}x" if versus else "-",
             served,
             "-" if not cache else human_bytes(cache["bytes_read"]),
+            "-" if busy is None else percent(busy),
             "-" if not cache else f"{human_bytes(cache['peak_bytes'])} / {human_bytes(res['budget_bytes'])}",
             human_bytes(res["peak_rss"] - res["rss_after_load"]),
             "yes" if res.get("tokens_match_full") else "NO",
         )
     stdout.print(t)
+    warnings = {res["storage_warning"] for res in (r.result for r in rows) if res.get("storage_warning")}
+    for warning in sorted(warnings):
+        warn(warning)
+
+
+def _serving_containers(source: Path, quiet: bool) -> dict[str, Path]:
+    """The checkpoint packed losslessly and with ``--coder none``, once (repacked when this zipmoe writes a newer
+    format)."""
+    from zipmoe.codecs.coders import RansCoder
+    from zipmoe.formats.reader import Container
+    from zipmoe.pack import PackOptions
+    from zipmoe.pack import pack as run_pack
+
+    containers = {}
+    for name, coder in (("zipmoe", RansCoder()), ("uncompressed", None)):
+        path = source.parent / f"{source.name}.{name}.zmoe"
+        try:
+            with Container(path) as c:
+                stale = coder is not None and not all(layout.split for layout in c.expert_layouts.values())
+        except ZipmoeError:
+            stale = True
+        if stale:
+            if not quiet:
+                stderr.print(f"packing {source} into {path}")
+            run_pack(str(source), path, PackOptions(coder=coder, force=True))
+        containers[name] = path
+    return containers
 
 
 def _resolve_serving(checkpoint: str | None) -> str:

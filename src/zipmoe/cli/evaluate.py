@@ -11,7 +11,7 @@ from zipmoe.cli._options import ContainerArg, JsonOpt, QuietOpt, ThreadsOpt
 from zipmoe.cli._output import prepare_codecs, print_json, progress_bar, stdout, table
 from zipmoe.errors import ZipmoeError
 from zipmoe.evaluate import DEFAULT_CONTEXT
-from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD
+from zipmoe.runtime.policies import DEFAULT_THRESHOLD
 
 app = typer.Typer(
     help="Model quality of a container's precision modes.",

@@ -11,7 +11,7 @@ import typer
 from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table, warn
 from zipmoe.errors import ZipmoeError
-from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD
+from zipmoe.runtime.policies import DEFAULT_THRESHOLD
 
 NAME = "run"
 EPILOG = """Examples:
@@ -41,15 +41,21 @@ def command(
             "Default: every expert decoded, up to half of the available memory.",
         ),
     ] = None,
-    decoded_fraction: Annotated[
-        Optional[float],
+    tiers: Annotated[
+        Optional[str],
         typer.Option(
-            "--decoded-fraction",
-            min=0.0,
-            max=1.0,
-            help="Share of the budget for decoded experts; the rest keeps compressed records.",
+            "--tiers",
+            help="Shares of the expert memory per tier: decoded (compute-ready), compressed (whole records), sm "
+            "(sign+mantissa planes; a hit reads only the coded exponents), e.g. decoded=0.25,compressed=0.75 "
+            "(the default; see docs/RUNTIME.md).",
         ),
     ] = None,
+    decoded_fraction: Annotated[
+        Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, hidden=True)
+    ] = None,  # the old spelling of --tiers decoded=F,compressed=1-F
+    policy: Annotated[
+        str, typer.Option("--policy", help="What the tiers keep: lru, or lfu (token-weighted, ZipMoE's).")
+    ] = "lru",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
     dtype: Annotated[
         Optional[str],
@@ -60,10 +66,22 @@ def command(
         ),
     ] = None,  # fmt: skip
     threads: ThreadsOpt = None,
+    io: Annotated[
+        str,
+        typer.Option("--io", help="How experts are read: buffered (through the page cache) or direct (O_DIRECT)."),
+    ] = "buffered",
     simulate_storage: Annotated[
         Optional[float],
         typer.Option(
             "--simulate-storage", help="Simulate storage of this bandwidth in GB/s (e.g. 3.5 NVMe, 1.25 phone flash)."
+        ),
+    ] = None,
+    record_routing: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--record-routing",
+            help="Write the experts every token was routed to, as a zipmoe-routing JSON Lines trace "
+            "(for zipmoe bench run --routing).",
         ),
     ] = None,
     mode: Annotated[
@@ -80,16 +98,16 @@ def command(
             "--critical-threshold",
             min=0.0,
             max=1.0,
-            help="dbsc: a token's top expert runs at high precision when it holds at least this share of the "
-            "token's top-k routing weight.",
+            help="dbsc: a selected expert runs at high precision when its router probability is at least this "
+            "(at most two per token).",
         ),
     ] = DEFAULT_THRESHOLD,
     warmup: Annotated[
         str,
         typer.Option(
             "--warmup",
-            help="Slice modes: pcw keeps the slices the prompt used most when decoding starts; none keeps what "
-            "LRU left; empty starts decoding with an empty cache.",
+            help="Slice modes, what the cache holds when decoding starts: pcw (the slices the prompt used most), "
+            "last-layer (what LRU left), random, or empty.",
         ),
     ] = "pcw",
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
@@ -112,20 +130,28 @@ def command(
     """Generate text from a container, holding only part of its experts in memory."""
     from zipmoe.runtime.engine import Engine, EngineOptions, check_prompt, expert_bytes_summary
     from zipmoe.runtime.generate import SamplingOptions
-    from zipmoe.runtime.slice_cache import SliceStats
 
     check_prompt(prompt)
     if not Path(container).is_file():
         raise ZipmoeError(f"{container}: no such file")
+    if decoded_fraction is not None and tiers is None:
+        tiers = f"decoded={decoded_fraction},compressed={1 - decoded_fraction}"
     options = EngineOptions(
-        device, dtype, memory_budget, decoded_fraction, threads, simulate_storage, mode, critical_threshold, warmup
-    )
+        device=device, dtype=dtype, memory_budget=memory_budget, tiers=tiers, policy=policy, threads=threads, io=io,
+        simulate_storage_gbps=simulate_storage, mode=mode, critical_threshold=critical_threshold, warmup=warmup,
+    )  # fmt: skip
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos, truncate=truncate)
     prepare_codecs(quiet=json_output)
     with Engine(container, options) as engine:
+        if engine.storage.warning:
+            warn(engine.storage.warning)
+        recorder = engine.record_routing() if record_routing is not None else None
         on_text = None if json_output else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         text, result = engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
-        stats = engine.cache.stats
+        if recorder is not None:
+            recorder.end_request()
+            recorder.write(record_routing)
+        stats = engine.pipeline.stats
         if result.dropped_tokens:
             warn(
                 f"--truncate: the prompt's first {result.dropped_tokens} tokens were left out; the model saw its last "
@@ -140,6 +166,7 @@ def command(
             "tpot_seconds": result.tpot,
             "tokens_per_second": result.tokens_per_second,
             "memory_budget_bytes": engine.budget,
+            "tiers_bytes": {kind: engine.tiers.capacity(kind) for kind in engine.tiers.kinds},
             "dense_bytes": engine.dense_bytes,
             "cache": stats.to_json(),
             "model": expert_bytes_summary(engine),
@@ -155,9 +182,9 @@ def command(
     t.add_row("time per output token", f"{result.tpot * 1000:.1f} ms" if result.step_seconds else "-")
     t.add_row("tokens/s", f"{result.tokens_per_second:.2f}" if result.step_seconds else "-")
     t.add_row("mode", doc["model"]["mode"])
-    if isinstance(stats, SliceStats):
+    if mode != "lossless":
         for kind in ("msb", "lsb"):
-            hits, misses = stats.hits[kind], stats.misses[kind]
+            hits, misses = stats.hits.get(kind, 0), stats.misses.get(kind, 0)
             t.add_row(
                 f"{kind.upper()} slices: hits / misses", f"{hits} / {misses} ({percent(stats.miss_rate(kind))} miss)"
             )
@@ -165,11 +192,15 @@ def command(
         if mode == "dbsc":
             t.add_row("tokens with a critical expert", percent(doc["cache"]["critical_fraction"]))
     else:
-        for tier, label in (("decoded", "experts served decoded (cache)"),
-                            ("compressed", "experts served compressed (cache)"), ("storage", "experts read from storage")):  # fmt: skip
-            t.add_row(label, f"{stats.hits[tier]} ({percent(stats.hit_rate(tier))})")
+        for where, label in (("decoded", "experts served decoded"), ("compressed", "experts served from records"),
+                             ("sm", "experts served from sign-mantissa planes"),
+                             ("storage", "experts read from storage")):  # fmt: skip
+            if where in stats.served_from or where in ("decoded", "storage"):
+                t.add_row(label, f"{stats.served_from.get(where, 0)} ({percent(stats.rate(where))})")
         t.add_row("bytes decoded", human_bytes(stats.bytes_decoded))
-    t.add_row("bytes read from storage", human_bytes(stats.bytes_read))
+        if stats.storage_busy is not None:
+            t.add_row("storage busy in miss-heavy layers", percent(stats.storage_busy))
+    t.add_row("bytes read from storage", human_bytes(stats.total_bytes_read))
     t.add_row(
         "expert memory (peak / budget)", f"{human_bytes(stats.peak_bytes)} / {human_bytes(doc['memory_budget_bytes'])}"
     )

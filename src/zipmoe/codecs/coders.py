@@ -10,10 +10,11 @@ Contract (every coder):
   ``values[c*chunk_values:(c+1)*chunk_values]``) into ``slots[c*slot_nbytes:]``, setting ``sizes[c]`` and the
   chunk's exponent histogram ``histograms[c]``. ``max_payload_nbytes(chunk_values)`` bounds one payload.
 * ``decode_chunks(blob, layout, first, last, out, check)`` decodes those chunks of the part whose `ChunkLayout` is
-  ``layout`` from ``blob`` and merges them with their sign+mantissa bytes into ``out`` (uint16). With ``check`` it
+  ``layout`` from ``blob`` and merges them with their sign+mantissa bytes (read from ``layout.plane_buf``, which
+  may be ``blob`` itself) into ``out`` (uint16, or uint32 to widen to float32 bit patterns). With ``check`` it
   first verifies each chunk's two checksums. It returns ``(-1, "", "")`` on success, else ``(chunk, stream,
   reason)`` for the first chunk that failed (``stream`` is ``"exponent payload"`` or ``"sign-mantissa bytes"``);
-  it never reads outside ``blob``.
+  it never reads outside ``blob`` and ``layout.plane_buf``.
 
 Both calls release the GIL for the bulk of their work, so callers run chunk ranges on several threads.
 """
@@ -46,9 +47,10 @@ class ChunkLayout:
     payload_sizes: np.ndarray  # int64[K]
     payload_xxh64: np.ndarray  # uint64[K]
     plain_xxh64: np.ndarray  # uint64[K]
-    sm_start: int  # of the sign-mantissa plane
+    sm_start: int  # of the sign-mantissa plane, in `plane_buf`
     chunk_values: int
     n_values: int
+    plane_buf: np.ndarray  # the buffer holding the sign-mantissa plane (the payloads' buffer when contiguous)
 
     def chunk(self, c: int) -> tuple[int, int]:
         """(first value, number of values) of chunk ``c``."""
@@ -132,8 +134,8 @@ class RansCoder(ExponentCoder, codec_id="rans"):
 
     def decode_chunks(self, blob, layout, first, last, out, check):
         chunk, status = rans.decode_chunks(
-            blob, layout.payload_starts, layout.payload_sizes, layout.payload_xxh64, layout.plain_xxh64,
-            layout.sm_start, layout.chunk_values, layout.n_values, first, last, out, check,
+            blob, layout.plane_buf, layout.payload_starts, layout.payload_sizes, layout.payload_xxh64,
+            layout.plain_xxh64, layout.sm_start, layout.chunk_values, layout.n_values, first, last, out, check,
         )  # fmt: skip
         if chunk < 0:
             return -1, "", ""
@@ -198,7 +200,8 @@ class _ByteCoder(ExponentCoder, ABC):
             sm = layout.sm_start + lo
             if check and xxh64(blob, start, start + size) != layout.payload_xxh64[c]:
                 return c, PAYLOAD, "checksum mismatch"
-            if check and xxh64(blob, sm, sm + n) != layout.plain_xxh64[c]:
+            planes = layout.plane_buf
+            if check and xxh64(planes, sm, sm + n) != layout.plain_xxh64[c]:
                 return c, PLAIN, "checksum mismatch"
             try:
                 exponents = self._decompress(memoryview(blob[start : start + size]), n)
@@ -206,7 +209,7 @@ class _ByteCoder(ExponentCoder, ABC):
                 return c, PAYLOAD, f"{self.codec_id} could not decode the payload ({exc})"
             if len(exponents) != n:
                 return c, PAYLOAD, f"{self.codec_id} payload decodes to {len(exponents)} bytes, expected {n}"
-            merge_bf16(np.frombuffer(exponents, np.uint8), blob[sm : sm + n], out[lo : lo + n])
+            merge_bf16(np.frombuffer(exponents, np.uint8), planes[sm : sm + n], out[lo : lo + n])
         return -1, "", ""
 
 

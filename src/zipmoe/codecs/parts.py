@@ -16,6 +16,11 @@ Two encodings, each described by a JSON config stored in the manifest:
 
   Chunk ``c`` covers bytes ``c*chunk_bytes .. min(size, (c+1)*chunk_bytes)`` of the payload.
 
+In an expert record of a version 4 container the sign-mantissa plane is stored apart from the rest ("split"): the
+part's stored bytes are then ``[directory][payload 0][pad]...[payload K-1][pad]`` and its plane (with its zero pad
+to 8) lies elsewhere, possibly in another buffer (`PartView.plane`, `split_part`). The bytes and checksums are
+those of the contiguous layout; only the place of the plane differs.
+
 Directory entry (little-endian, 24 bytes)::
 
     u32 payload_nbytes   bf16-split: coded exponent bytes of the chunk; raw: bytes of the chunk
@@ -126,11 +131,13 @@ def encoding_from_config(config: Any) -> Encoding:
     raise UnknownCodecError(f"unknown tensor encoding {kind!r} (known: bf16-split, raw)")
 
 
-def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int) -> str | None:
+def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int, plane_apart: bool = False) -> str | None:
     """Why ``nbytes`` stored bytes in ``n_chunks`` chunks cannot decode to ``size`` bytes, or None if they can.
 
     Checked before anything of ``size`` bytes is allocated: a part decodes to at most twice its stored bytes
-    (bf16-split keeps a sign-mantissa byte per value), so a valid size is bounded by the file it lies in.
+    (bf16-split keeps a sign-mantissa byte per value), so a valid size is bounded by the file it lies in. With
+    ``plane_apart`` (a split bf16 part) ``nbytes`` covers directory and payloads only; the ``pad8(size / 2)`` bytes
+    of the plane, stored elsewhere, are bounded by the caller.
     """
     expected_chunks = encoding.n_chunks(size)
     if n_chunks != expected_chunks:
@@ -139,7 +146,7 @@ def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int) -> s
     if isinstance(encoding, Raw):
         if nbytes != dir_nbytes + size:
             return f"a raw part of {size} bytes is {dir_nbytes + size} bytes stored, the manifest records {nbytes}"
-    elif size % 2 or nbytes < dir_nbytes + pad8(size // 2):
+    elif size % 2 or nbytes < dir_nbytes + (0 if plane_apart else pad8(size // 2)):
         return f"{nbytes} stored bytes cannot hold {size} bytes of BF16 values"
     return None
 
@@ -257,12 +264,13 @@ def _encode_raw(encoding: Raw, data: np.ndarray) -> EncodedPart:
     return EncodedPart(blob, n_chunks, _finish(blob, directory), None)
 
 
-def _bf16_layout(n_values: int, payload_nbytes: np.ndarray) -> tuple[int, np.ndarray, int]:
-    """(sm_start, payload_starts, total size) of a bf16-split part."""
+def _bf16_layout(n_values: int, payload_nbytes: np.ndarray, plane_apart: bool = False) -> tuple[int, np.ndarray, int]:
+    """(sm_start, payload_starts, total size) of a bf16-split part; with ``plane_apart`` the plane is not between
+    the directory and the payloads (and not counted in the total)."""
     sm_start = payload_nbytes.size * DIRECTORY_ENTRY.itemsize
     padded = (payload_nbytes.astype(np.int64) + 7) & ~7
     starts = np.empty(payload_nbytes.size, np.int64)
-    first = sm_start + pad8(n_values)
+    first = sm_start + (0 if plane_apart else pad8(n_values))
     if starts.size:
         starts[0] = first
         np.cumsum(padded[:-1], out=starts[1:])
@@ -305,6 +313,16 @@ def _encode_bf16(encoding: Bf16Split, parts: list[np.ndarray], workers: Workers)
     return encoded
 
 
+def split_part(encoded: EncodedPart, n_values: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cut an encoded bf16-split part in two: its exponent piece, as ``[directory, payloads]`` views to write back to
+    back (``[directory][payload 0][pad]...``), and its sign-mantissa plane with its zero pad to 8 (a view too: copy
+    it to hold it without the rest of the part)."""
+    dir_nbytes = encoded.n_chunks * DIRECTORY_ENTRY.itemsize
+    plane_end = dir_nbytes + pad8(n_values)
+    data = encoded.data
+    return [data[:dir_nbytes], data[plane_end:]], data[dir_nbytes:plane_end]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
@@ -320,17 +338,34 @@ class PartView:
     n_chunks: int
     directory_xxh64: int
     file_offset: int  # of the part in the container file, for messages
+    # A split bf16 part: the offset of its sign-mantissa plane in the planes buffer (None: the contiguous layout,
+    # the plane right after the directory in `buf`), and the plane's offset in the file, for messages.
+    plane: int | None = None
+    plane_file_offset: int | None = None
 
 
 class _Layout:
     """A part's directory, checked against its checksum and the manifest, and the chunk ranges it implies."""
 
-    def __init__(self, buf: np.ndarray, part: PartView) -> None:
+    def __init__(self, buf: np.ndarray, part: PartView, planes: np.ndarray | None = None) -> None:
         enc = part.encoding
         dir_nbytes = part.n_chunks * DIRECTORY_ENTRY.itemsize
-        problem = size_problem(enc, part.nbytes, part.size, part.n_chunks)
+        apart = part.plane is not None and isinstance(enc, Bf16Split)
+        problem = size_problem(enc, part.nbytes, part.size, part.n_chunks, apart)
         if problem:
             raise FormatError(f"part at file offset {part.file_offset}: {problem}")
+        if part.plane is not None and not apart:
+            raise FormatError(f"part at file offset {part.file_offset}: only a bf16-split part has a plane apart")
+        if part.offset < 0 or part.offset + part.nbytes > buf.size:
+            raise FormatError(f"part at file offset {part.file_offset}: its {part.nbytes} bytes lie outside the buffer")
+        self.plane_buf = buf if planes is None else planes
+        self.to_file = part.file_offset - part.offset  # buffer offset -> file offset
+        self.plane_to_file = self.to_file
+        if apart:
+            plane_file = part.file_offset if part.plane_file_offset is None else part.plane_file_offset
+            self.plane_to_file = plane_file - part.plane
+            if part.plane < 0 or part.plane + pad8(part.size // 2) > self.plane_buf.size:
+                raise FormatError(f"sign-mantissa plane at file offset {plane_file}: lies outside its buffer")
         if int(xxh64(buf, part.offset, part.offset + dir_nbytes)) != part.directory_xxh64:
             raise ChecksumError(f"chunk directory: checksum mismatch (file offset {part.file_offset})")
         self.directory = buf[part.offset : part.offset + dir_nbytes].view(DIRECTORY_ENTRY)
@@ -349,20 +384,20 @@ class _Layout:
             n_values = part.size // 2
             if part.size % 2 or payload_nbytes.max(initial=0) > enc.coder.max_payload_nbytes(enc.chunk_values):
                 raise FormatError(f"bf16 part at file offset {part.file_offset}: inconsistent sizes")
-            sm_start, starts, total = _bf16_layout(n_values, payload_nbytes)
+            sm_start, starts, total = _bf16_layout(n_values, payload_nbytes, apart)
             if total != part.nbytes:
                 raise FormatError(
                     f"bf16 part at file offset {part.file_offset}: directory describes {total} bytes, "
                     f"manifest records {part.nbytes}"
                 )
-            self.sm_start = base + sm_start
+            self.sm_start = part.plane if apart else base + sm_start
             self.payload_starts = base + starts
             chunk_lo = np.arange(part.n_chunks, dtype=np.int64) * enc.chunk_values
             self.plain_starts = self.sm_start + chunk_lo
             self.plain_sizes = np.minimum(n_values - chunk_lo, enc.chunk_values)
             self.chunks = ChunkLayout(
                 self.payload_starts, payload_nbytes, self.payload_xxh64, self.plain_xxh64, self.sm_start,
-                enc.chunk_values, n_values,
+                enc.chunk_values, n_values, self.plane_buf,
             )  # fmt: skip
         self.payload_sizes = payload_nbytes
 
@@ -372,7 +407,7 @@ class _Layout:
         self.bad_padding = np.zeros(n, np.bool_)
         if self.plain_starts is not None and n:  # the zero bytes after the sign-mantissa plane belong to the last chunk
             plane_end = self.sm_start + part.size // 2
-            self.bad_padding[-1] = bool(buf[plane_end : (plane_end + 7) & ~7].any())
+            self.bad_padding[-1] = bool(self.plane_buf[plane_end : (plane_end + 7) & ~7].any())
         self.min_chunks = max(1, _TASK_VALUES // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
 
     def scan(self, buf: np.ndarray, first: int, last: int) -> int:
@@ -382,16 +417,19 @@ class _Layout:
         )
         if self.bad_plain is not None:
             n_bad += _find_bad_chunks(
-                buf, self.plain_starts, self.plain_sizes, self.plain_xxh64, first, last, self.bad_plain
+                self.plane_buf, self.plain_starts, self.plain_sizes, self.plain_xxh64, first, last, self.bad_plain
             )
             n_bad += _find_bad_padding(buf, self.payload_starts, self.payload_sizes, first, last, self.bad_padding)
         return n_bad
 
 
-def check_part(buf: np.ndarray, part: PartView, workers: Workers) -> list[ChunkFailure]:
-    """Every checksum of a part; returns the failing chunks (empty when all match)."""
+def check_part(
+    buf: np.ndarray, part: PartView, workers: Workers, planes: np.ndarray | None = None
+) -> list[ChunkFailure]:
+    """Every checksum of a part; returns the failing chunks (empty when all match). ``planes`` holds the
+    sign-mantissa plane of a split part (default: ``buf``)."""
     try:
-        layout = _Layout(buf, part)
+        layout = _Layout(buf, part, planes)
     except FormatError as exc:
         return [ChunkFailure(-1, "directory", part.file_offset, str(exc).split(": ", 1)[-1])]
     workers.run_ranges(lambda a, b: layout.scan(buf, a, b), part.n_chunks, layout.min_chunks)
@@ -399,7 +437,7 @@ def check_part(buf: np.ndarray, part: PartView, workers: Workers) -> list[ChunkF
 
 
 def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
-    to_file = part.file_offset - part.offset
+    to_file = layout.to_file
     payload_name = "bytes" if layout.bad_plain is None else PAYLOAD
     failures = [
         ChunkFailure(int(c), payload_name, int(layout.payload_starts[c]) + to_file)
@@ -407,7 +445,8 @@ def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
     ]
     if layout.bad_plain is not None:
         failures += [
-            ChunkFailure(int(c), PLAIN, int(layout.plain_starts[c]) + to_file) for c in np.flatnonzero(layout.bad_plain)
+            ChunkFailure(int(c), PLAIN, int(layout.plain_starts[c]) + layout.plane_to_file)
+            for c in np.flatnonzero(layout.bad_plain)
         ]
     failures += [
         ChunkFailure(int(c), "padding", int(layout.payload_starts[c]) + to_file, "nonzero alignment padding")
@@ -416,13 +455,22 @@ def _failures(part: PartView, layout: _Layout) -> list[ChunkFailure]:
     return sorted(failures, key=lambda f: (f.chunk, f.stream))
 
 
-def decode_part(buf: np.ndarray, part: PartView, out: np.ndarray, workers: Workers, *, check: bool = True) -> None:
-    """Decode one part from ``buf`` into ``out`` (uint8, ``part.size`` bytes); see `decode_parts`."""
-    decode_parts([(buf, part, out, "")], workers, check=check)
+def decode_part(
+    buf: np.ndarray,
+    part: PartView,
+    out: np.ndarray,
+    workers: Workers,
+    *,
+    check: bool = True,
+    planes: np.ndarray | None = None,
+) -> None:
+    """Decode one part from ``buf`` (its plane from ``planes``, default ``buf``) into ``out`` (uint8, ``part.size``
+    bytes); see `decode_parts`."""
+    decode_parts([(buf, part, out, "", planes)], workers, check=check)
 
 
 def decode_parts(
-    items: Sequence[tuple[np.ndarray, PartView, np.ndarray, str]],
+    items: Sequence[tuple],
     workers: Workers,
     *,
     check: bool = True,
@@ -431,8 +479,10 @@ def decode_parts(
     """Decode several parts at once, the chunks of all of them spread over the worker threads.
 
     Args:
-        items: ``(buf, part, out, label)``: the part lies in ``buf`` and decodes into ``out`` (uint8,
-            ``part.size`` bytes); ``label`` (say, the tensor's name) starts every error message about it.
+        items: ``(buf, part, out, label)`` or ``(buf, part, out, label, planes)``: the part lies in ``buf`` and
+            decodes into ``out`` (uint8, ``part.size`` bytes); ``label`` (say, the tensor's name) starts every error
+            message about it; ``planes`` (default, or None: ``buf``) holds the sign-mantissa plane of a split part
+            at ``part.plane``.
         workers: the threads.
         check: verify every chunk's checksums just before decoding it.
         widen: the parts hold BF16 values; write them as float32 (``out`` is then ``2 * part.size`` bytes).
@@ -442,15 +492,16 @@ def decode_parts(
             chunk, the stream and its file offset.
         FormatError: a directory is inconsistent with the manifest.
     """
+    items = [(item[0], item[1], item[2], item[3], item[4] if len(item) > 4 else None) for item in items]
     layouts = []
-    for buf, part, _, label in items:
+    for buf, part, _, label, planes in items:
         try:
-            layouts.append(_Layout(buf, part))
+            layouts.append(_Layout(buf, part, planes))
         except FormatError as exc:
             raise type(exc)(_labelled(label, str(exc))) from None
 
     def decode(i: int, first: int, last: int) -> tuple[int, str, str]:
-        buf, part, out, _ = items[i]
+        buf, part, out, _, _ = items[i]
         layout = layouts[i]
         enc = part.encoding
         if isinstance(enc, Raw):
@@ -467,15 +518,17 @@ def decode_parts(
             buf, layout.chunks, first, last, out.view(np.uint32 if widen else np.uint16), check
         )
 
-    counts = [part.n_chunks for _, part, _, _ in items]
+    counts = [item[1].n_chunks for item in items]
     min_chunks = min((layout.min_chunks for layout in layouts), default=1)
     results = workers.run_segments(lambda i, a, b: (i, decode(i, a, b)), counts, min_chunks)
     for i, (chunk, stream, reason) in results:
         if chunk >= 0:
-            _, part, _, label = items[i]
+            label = items[i][3]
             layout = layouts[i]
-            start = layout.plain_starts[chunk] if stream == PLAIN else layout.payload_starts[chunk]
-            offset = int(start) + part.file_offset - part.offset
+            if stream == PLAIN:
+                offset = int(layout.plain_starts[chunk]) + layout.plane_to_file
+            else:
+                offset = int(layout.payload_starts[chunk]) + layout.to_file
             raise ChecksumError(_labelled(label, f"chunk {chunk} {stream}: {reason} (file offset {offset})"))
 
 
@@ -498,5 +551,19 @@ def warm_up() -> None:
             buf = part.data.copy()
             buf.setflags(write=writable)
             view = PartView(encoding, 0, buf.size, data.size, part.n_chunks, part.directory_xxh64, 0)
-            decode_part(buf, view, np.empty(data.size, np.uint8), workers)
+            for widen in (False, True):  # widen: BF16 straight to float32 (the CPU runtime)
+                decode_parts([(buf, view, np.empty(data.size * (1 + widen), np.uint8), "")], workers, widen=widen)
             check_part(buf, view, workers)
+        if isinstance(encoding, Bf16Split):  # split records: exponents and planes in buffers of either kind
+            pieces, plane = split_part(part, values.size)
+            exponents = np.concatenate(pieces)
+            split = PartView(encoding, 0, exponents.size, data.size, part.n_chunks, part.directory_xxh64, 0, 0, 0)
+            for exp_writable in (True, False):
+                for plane_writable in (True, False):
+                    buf, planes = exponents.copy(), plane.copy()
+                    buf.setflags(write=exp_writable)
+                    planes.setflags(write=plane_writable)
+                    for widen in (False, True):
+                        out = np.empty(data.size * (1 + widen), np.uint8)
+                        decode_parts([(buf, split, out, "", planes)], workers, widen=widen)
+                    check_part(buf, split, workers, planes)

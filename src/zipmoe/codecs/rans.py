@@ -476,6 +476,7 @@ def encode_chunks(values, chunk_values, first, last, slots, slot_nbytes, sizes, 
 @njit(nogil=True, cache=True)
 def decode_chunks(
     blob,
+    planes,
     payload_starts,
     payload_sizes,
     payload_xxh64,
@@ -490,8 +491,9 @@ def decode_chunks(
 ):  # pragma: no cover - compiled
     """Decode chunks ``first..last-1`` of a part held in ``blob`` into ``out`` (uint16, ``n_values`` long).
 
-    With ``check``, each chunk's payload and sign-mantissa checksums are verified just before it is decoded (its
-    bytes are then in cache for the decoder). Returns ``(-1, 0)`` on success, else ``(chunk, status)`` of the first
+    The payloads lie in ``blob``, the sign-mantissa plane at ``planes[sm_start:]`` (``planes`` may be ``blob``: the
+    contiguous layout). With ``check``, each chunk's payload and sign-mantissa checksums are verified just before it
+    is decoded (its bytes are then in cache for the decoder). Returns ``(-1, 0)`` on success, else ``(chunk, status)`` of the first
     chunk that failed.
     """
     table = np.empty(_M, np.uint32)
@@ -503,9 +505,9 @@ def decode_chunks(
         if check:
             if xxh64(blob, start, start + payload_sizes[c]) != payload_xxh64[c]:
                 return c, BAD_PAYLOAD_CHECKSUM
-            if xxh64(blob, sm_start + lo, sm_start + lo + n) != plain_xxh64[c]:
+            if xxh64(planes, sm_start + lo, sm_start + lo + n) != plain_xxh64[c]:
                 return c, BAD_PLAIN_CHECKSUM
-        status = decode_chunk(blob, start, payload_sizes[c], blob, sm_start + lo, out, lo, n, table, exps)
+        status = decode_chunk(blob, start, payload_sizes[c], planes, sm_start + lo, out, lo, n, table, exps)
         if status != OK:
             return c, status
     return -1, 0

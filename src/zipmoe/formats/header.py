@@ -4,7 +4,7 @@ Layout (little-endian)::
 
     offset size field
     0      8    magic            b"\\x89ZIPMOE\\n"
-    8      4    format_version   u32, 1 (2 when the file holds AMAT slices)
+    8      4    format_version   u32, 1 to 4 (docs/FORMAT.md §7)
     12     4    alignment        u32, power of two >= 64 (4096 by default)
     16     8    file_nbytes      u64, size of the whole file
     24     8    manifest_offset  u64, multiple of alignment

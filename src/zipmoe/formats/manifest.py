@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zipmoe._json import load_json
-from zipmoe.codecs.parts import Encoding, encoding_from_config
+from zipmoe.codecs.parts import Encoding, encoding_from_config, pad8
 from zipmoe.errors import FormatError
 from zipmoe.formats.constants import (
     CLASS_DENSE,
@@ -25,6 +25,7 @@ from zipmoe.formats.constants import (
     READABLE_VERSIONS,
     RUNS_VERSION,
     SLICES_VERSION,
+    SPLIT_VERSION,
 )
 from zipmoe.formats.names import name_problem, normalized
 from zipmoe.quant.spec import SLICE_KINDS, SliceSpec
@@ -40,6 +41,14 @@ class Blob:
     n_chunks: int
     directory_xxh64: int
     sha256: str | None = None  # of the decoded bytes: safetensors headers and gaps (tensors record their own)
+    # A bf16-split expert part of a split record (format version 4): the file offset of its sign-mantissa plane,
+    # stored apart; `nbytes` then covers the directory and the payloads only.
+    plane: int | None = None
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Every stored byte of the blob: ``nbytes``, and the ``pad8(size / 2)`` bytes of a plane stored apart."""
+        return self.nbytes + (0 if self.plane is None else pad8(self.size // 2))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -51,6 +60,8 @@ class Blob:
         }
         if self.sha256 is not None:
             out["sha256"] = self.sha256
+        if self.plane is not None:
+            out["plane"] = self.plane
         return out
 
 
@@ -78,8 +89,8 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes of the whole tensor."""
-        return sum(p.nbytes for p in self.parts)
+        """Stored bytes of the whole tensor (sign-mantissa planes stored apart included)."""
+        return sum(p.stored_nbytes for p in self.parts)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -105,22 +116,30 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class ExpertRecord:
-    """The contiguous bytes of one routed expert: its ``members`` (tensor index, part index), in file order."""
+    """The contiguous bytes of one routed expert: its ``members`` (tensor index, part index), in file order.
+
+    A split record (format version 4) holds the exponent pieces of its members in ``[offset, planes)`` and their
+    sign-mantissa planes in ``[planes, offset + nbytes)``.
+    """
 
     layer: int
     expert: int
     offset: int
     nbytes: int
     members: tuple[tuple[int, int], ...]
+    planes: int | None = None  # file offset of the sign-mantissa section (split records)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "layer": self.layer,
             "expert": self.expert,
             "offset": self.offset,
             "nbytes": self.nbytes,
             "members": [list(m) for m in self.members],
         }
+        if self.planes is not None:
+            out["planes"] = self.planes
+        return out
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,8 @@ class Manifest:
     @property
     def format_version(self) -> int:
         """The lowest version that can hold this manifest: files without slices or runs stay readable by v1 readers."""
+        if any(e.planes is not None for e in self.experts):
+            return SPLIT_VERSION
         if self.small_tensors:
             return RUNS_VERSION
         return SLICES_VERSION if self.slices is not None else FORMAT_VERSION
@@ -311,7 +332,11 @@ class _Parser:
             raise self.fail(f"{where}.{key}", f"{value} is out of range (at most {MAX_INDEX - 1})")
         return value
 
-    def blob(self, obj: Any, where: str) -> Blob:
+    def blob(self, obj: Any, where: str, plane_allowed: bool = False) -> Blob:
+        """A blob; only a tensor part (``plane_allowed``) may have a sign-mantissa plane apart."""
+        plane = self.get(obj, "plane", int, where, optional=True)
+        if plane is not None and not plane_allowed:
+            raise self.fail(f"{where}.plane", "only a bf16-split expert part may have a sign-mantissa plane apart")
         return Blob(
             self.get(obj, "offset", int, where),
             self.get(obj, "nbytes", int, where),
@@ -319,6 +344,7 @@ class _Parser:
             self.get(obj, "n_chunks", int, where),
             self.hex64(obj, "directory_xxh64", where),
             self.sha256(obj, "sha256", where) if isinstance(obj, dict) and "sha256" in obj else None,
+            plane,
         )
 
     def manifest(self, doc: Any) -> Manifest:
@@ -366,10 +392,23 @@ class _Parser:
         elif version == SLICES_VERSION:
             raise self.fail("slices", f"missing: a version {version} file holds slices")
         small_tensors = self.get(doc, "small_tensors", int, where, optional=True) or 0
-        if (version >= RUNS_VERSION) != (small_tensors > 0):
+        if small_tensors and version < RUNS_VERSION:
             raise self.fail(
-                "small_tensors", f"a version {RUNS_VERSION} file, and only such a file, holds small tensors"
+                "small_tensors", f"small tensors need format version {RUNS_VERSION}, the file says {version}"
             )
+        if version == RUNS_VERSION and not small_tensors:
+            raise self.fail("small_tensors", f"missing: a version {version} file holds small tensors")
+        split = [i for i, e in enumerate(experts) if e.planes is not None]
+        planes_apart = [
+            (i, j) for i, t in enumerate(tensors) for j, p in enumerate(t.parts) if p.plane is not None
+        ]  # fmt: skip
+        if (split or planes_apart) and version < SPLIT_VERSION:
+            at = f"experts[{split[0]}].planes" if split else "tensors[{}].parts[{}].plane".format(*planes_apart[0])
+            raise self.fail(
+                at, f"sign-mantissa planes stored apart need format version {SPLIT_VERSION}, the file says {version}"
+            )
+        if version == SPLIT_VERSION and not split:
+            raise self.fail("experts", f"missing: a version {version} file holds split expert records")
         self.unique_names([f.name for f in files] + [s.name for s in safetensors])
         return Manifest(
             created_by=self.get(doc, "created_by", str, where),
@@ -444,7 +483,10 @@ class _Parser:
         encoding = self.get(t, "encoding", int, where)
         if encoding >= n_encodings:
             raise self.fail(f"{where}.encoding", f"index {encoding} out of range ({n_encodings} encodings)")
-        parts = tuple(self.blob(p, f"{where}.parts[{j}]") for j, p in enumerate(self.get(t, "parts", list, where)))
+        parts = tuple(
+            self.blob(p, f"{where}.parts[{j}]", plane_allowed=True)
+            for j, p in enumerate(self.get(t, "parts", list, where))
+        )
         fused = self.get(t, "fused", bool, where, optional=True) or False
         layer = self.index(t, "layer", where, optional=True)
         expert = self.index(t, "expert", where, optional=True)
@@ -507,12 +549,20 @@ class _Parser:
             self.member(m, f"{where}.members[{j}]", tensors, 2)
             for j, m in enumerate(self.get(e, "members", list, where))
         ]
+        planes = self.get(e, "planes", int, where, optional=True)
+        for j, (t, p) in enumerate(members):  # a split record: every member's plane apart, and only then
+            if (planes is None) != (tensors[t].parts[p].plane is None):
+                problem = "has no sign-mantissa plane apart, in a split record" if planes is not None else (
+                    "has a sign-mantissa plane apart, in a record that is not split (no 'planes')"
+                )  # fmt: skip
+                raise self.fail(f"{where}.members[{j}]", f"tensor {tensors[t].name!r} {problem}")
         return ExpertRecord(
             self.index(e, "layer", where),
             self.index(e, "expert", where),
             self.get(e, "offset", int, where),
             self.get(e, "nbytes", int, where),
             tuple(members),
+            planes,
         )
 
     def slice_record(self, r: Any, where: str, tensors: tuple[TensorEntry, ...]) -> SliceRecord:

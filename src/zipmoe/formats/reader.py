@@ -19,7 +19,7 @@ import numpy as np
 
 from zipmoe._threads import Workers
 from zipmoe.codecs.checksum import checksum
-from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts, size_problem
+from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts, pad8, size_problem
 from zipmoe.errors import CheckpointError, ChecksumError, FormatError
 from zipmoe.formats.constants import (
     CLASS_DENSE,
@@ -32,6 +32,7 @@ from zipmoe.formats.constants import (
 )
 from zipmoe.formats.header import FileHeader
 from zipmoe.formats.manifest import Blob, ExpertRecord, Manifest, SliceRecord, TensorEntry
+from zipmoe.formats.records import ExpertLayout, SliceLayout, decode_expert, expert_layouts, slice_layouts
 from zipmoe.formats.safetensors_file import parse_safetensors_header, tensor_nbytes
 from zipmoe.quant.spec import SliceError
 
@@ -155,7 +156,14 @@ class Container:
             label = f"expert record (layer {rec.layer}, expert {rec.expert})"
             check_range(label, rec.offset, rec.nbytes, h.alignment)
             regions.append((rec.offset, rec.offset + rec.nbytes, label))
+            end = rec.offset + rec.nbytes
+            if rec.planes is not None and (rec.planes % h.alignment or not rec.offset < rec.planes <= end):
+                raise FormatError(
+                    f"{name}: {label}: sign-mantissa section at {rec.planes} is misaligned or outside the record "
+                    f"{rec.offset}..{end}"
+                )
             position = rec.offset
+            plane_position = rec.planes
             for t_index, p_index in rec.members:
                 tensor = m.tensors[t_index]
                 part = tensor.parts[p_index]
@@ -163,14 +171,19 @@ class Container:
                     raise FormatError(
                         f"{name}: {label}: member {tensor.name!r} is not an expert part or is listed twice"
                     )
-                if (
-                    part.offset < position
-                    or part.offset % PART_ALIGNMENT
-                    or part.offset + part.nbytes > rec.offset + rec.nbytes
-                ):
+                exponent_end = end if rec.planes is None else rec.planes
+                if part.offset < position or part.offset % PART_ALIGNMENT or part.offset + part.nbytes > exponent_end:
                     raise FormatError(
                         f"{name}: {label}: member {tensor.name!r} lies outside the record or out of order"
                     )
+                if part.plane is not None:
+                    plane_end = part.plane + pad8(part.size // 2)
+                    if part.plane < plane_position or part.plane % PART_ALIGNMENT or plane_end > end:
+                        raise FormatError(
+                            f"{name}: {label}: the sign-mantissa plane of {tensor.name!r} (file offset {part.plane}) "
+                            f"lies outside the record's sign-mantissa section {rec.planes}..{end} or out of order"
+                        )
+                    plane_position = plane_end
                 expected_expert = p_index if tensor.fused else tensor.expert
                 if tensor.layer != rec.layer or expected_expert != rec.expert:
                     raise FormatError(f"{name}: {label}: member {tensor.name!r} belongs to another expert")
@@ -191,6 +204,12 @@ class Container:
                 )
             if isinstance(encoding, Bf16Split) and t.dtype != "BF16":
                 raise FormatError(f"{name}: tensor {t.name!r}: bf16-split encoding on a {t.dtype} tensor")
+            if any(p.plane is not None for p in t.parts) and (
+                t.tensor_class != CLASS_EXPERT or not isinstance(encoding, Bf16Split)
+            ):
+                raise FormatError(
+                    f"{name}: tensor {t.name!r}: only a bf16-split expert part may have a sign-mantissa plane apart"
+                )
             if t.fused and len({p.size for p in t.parts}) > 1:
                 raise FormatError(f"{name}: tensor {t.name!r}: fused parts differ in size")
             for p_index, part in enumerate(t.parts):
@@ -234,7 +253,9 @@ class Container:
     @staticmethod
     def _check_sizes(name: str, label: str, blob: Blob, encoding: Encoding) -> None:
         """A blob's decoded size follows from its stored bytes, so nothing larger than the file is ever allocated."""
-        problem = size_problem(encoding, blob.nbytes, blob.size, blob.n_chunks)
+        if blob.plane is not None and not isinstance(encoding, Bf16Split):
+            raise FormatError(f"{name}: {label}: only a bf16-split expert part may have a sign-mantissa plane apart")
+        problem = size_problem(encoding, blob.nbytes, blob.size, blob.n_chunks, blob.plane is not None)
         if problem:
             raise FormatError(f"{name}: {label}: {problem}")
 
@@ -294,9 +315,12 @@ class Container:
         return self.blob_view(blob, self.encodings[tensor.encoding], base)
 
     def blob_view(self, blob: Blob, encoding: Encoding, base: int = 0) -> PartView:
+        """Where ``blob`` lies in a buffer that starts at file offset ``base`` (its plane too, when stored apart)."""
+        plane = None if blob.plane is None else blob.plane - base
         return PartView(
-            encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset
-        )
+            encoding, blob.offset - base, blob.nbytes, blob.size, blob.n_chunks, blob.directory_xxh64, blob.offset,
+            plane, blob.plane,
+        )  # fmt: skip
 
     def stored_blobs(self) -> Iterator[tuple[str, PartView]]:
         """Every stored blob of the file (tensor parts, embedded files, headers, gaps) with a label, as part views."""
@@ -381,19 +405,32 @@ class Container:
             position += blob.size
         self._decode(items, workers, check)
 
+    @cached_property
+    def expert_layouts(self) -> dict[tuple[int, int], ExpertLayout]:
+        """Where the members of every expert record lie, by (layer, expert) (`zipmoe.formats.records`)."""
+        return expert_layouts(self.manifest, self.encodings)
+
+    @cached_property
+    def slice_layouts(self) -> dict[tuple[int, int, str], SliceLayout]:
+        """Where the members of every slice record lie, by (layer, expert, kind)."""
+        return slice_layouts(self.manifest, self.encodings[self.raw_encoding_index]) if self.slice_records else {}
+
     def read_expert(
         self, layer: int, expert: int, *, workers: Workers | None = None, check: bool = True
     ) -> list[DecodedMember]:
         """Read one expert record with a single read and decode every tensor part in it."""
-        record = self.experts.get((layer, expert))
-        if record is None:
+        layout = self.expert_layouts.get((layer, expert))
+        if layout is None:
             raise FormatError(f"{self.path}: no expert record for layer {layer}, expert {expert}")
-        buf = np.array(self.data[record.offset : record.offset + record.nbytes])  # the one read
-        members = []
-        for t_index, p_index in record.members:
-            tensor = self.manifest.tensors[t_index]
-            members.append(DecodedMember(tensor, p_index, np.empty(tensor.parts[p_index].size, np.uint8)))
-        self._decode([self._item(m.tensor, m.part, buf, record.offset, m.data) for m in members], workers, check)
+        buf = np.array(self.data[layout.offset : layout.offset + layout.nbytes])  # the one read
+        members = [
+            DecodedMember(self.manifest.tensors[m.tensor_index], m.part, np.empty(m.view.size, np.uint8))
+            for m in layout.members
+        ]
+        try:
+            decode_expert(layout, buf, [m.data for m in members], workers or Workers(1), check=check)
+        except FormatError as exc:
+            raise type(exc)(f"{self.path}: {exc}") from None
         return members
 
     def _read_small(self, tensor: SmallTensor, check: bool) -> np.ndarray:
@@ -429,21 +466,18 @@ class Container:
         self, layer: int, expert: int, kind: str, *, check: bool = True
     ) -> list[tuple[TensorEntry, int, np.ndarray]]:
         """The slice payloads of one expert, ``(tensor, part, payload bytes)`` per member, read with one read."""
-        record = self.slice_records.get((layer, expert, kind))
-        if record is None:
+        layout = self.slice_layouts.get((layer, expert, kind))
+        if layout is None:
             raise FormatError(f"{self.path}: no {kind.upper()} slice record for layer {layer}, expert {expert}")
-        buf = np.array(self.data[record.offset : record.offset + record.nbytes])
+        buf = np.array(self.data[layout.offset : layout.offset + layout.nbytes])
         out = []
-        for t_index, p_index, blob in record.members:
-            tensor = self.manifest.tensors[t_index]
-            payload = np.empty(blob.size, np.uint8)
-            label = f"{kind.upper()} slice of {tensor.name!r}" + (f" part {p_index}" if tensor.fused else "")
+        for m in layout.members:
+            payload = np.empty(m.view.size, np.uint8)
             try:
-                decode_part(buf, self.blob_view(blob, self.encodings[self.raw_encoding_index], record.offset), payload,
-                            Workers(1), check=check)  # fmt: skip
+                decode_part(buf, m.view, payload, Workers(1), check=check)
             except FormatError as exc:
-                raise type(exc)(f"{self.path}: {label}: {exc}") from None
-            out.append((tensor, p_index, payload))
+                raise type(exc)(f"{self.path}: {m.label}: {exc}") from None
+            out.append((self.manifest.tensors[m.tensor_index], m.part, payload))
         return out
 
     @cached_property
@@ -465,7 +499,9 @@ class Container:
         ranges = []
         position = HEADER_NBYTES
         blobs = [b for _, b, _ in self.manifest.blobs()] + [b for _, b in self.manifest.slice_blobs()]
-        for start, end in sorted((b.offset, b.offset + b.nbytes) for b in blobs):
+        covered = [(b.offset, b.offset + b.nbytes) for b in blobs]
+        covered += [(b.plane, b.plane + pad8(b.size // 2)) for b in blobs if b.plane is not None]
+        for start, end in sorted(covered):
             if start > position:
                 ranges.append((position, start))
             position = max(position, end)

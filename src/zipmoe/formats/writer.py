@@ -30,6 +30,7 @@ from zipmoe.formats.manifest import Manifest
 class WriterState(enum.Enum):
     DATA = "data"  # writing records
     RECORD = "record"  # inside an expert or slice record
+    PLANES = "planes"  # inside the sign-mantissa section of a split expert record
     FINISHED = "finished"
     ABORTED = "aborted"
 
@@ -108,17 +109,27 @@ class ContainerWriter:
         self._record_start = self._position
         self.state = WriterState.RECORD
 
-    def write_part(self, data: np.ndarray) -> int:
-        """Write one part of the current record; return its offset."""
-        self._expect(WriterState.RECORD)
+    def write_part(self, *pieces: np.ndarray) -> int:
+        """Write one part of the current record (or of its sign-mantissa section): ``pieces`` back to back at the
+        next 64-byte aligned offset; return that offset."""
+        self._expect(WriterState.RECORD, WriterState.PLANES)
         self._pad_to(PART_ALIGNMENT)
         offset = self._position
-        self._write(data)
+        for piece in pieces:
+            if piece.size:
+                self._write(piece)
         return offset
+
+    def begin_planes(self) -> int:
+        """Start the sign-mantissa section of a split expert record at the next aligned offset; return it."""
+        self._expect(WriterState.RECORD)
+        self._pad_to(self.alignment)
+        self.state = WriterState.PLANES
+        return self._position
 
     def end_record(self) -> tuple[int, int]:
         """Close the current record; return its (offset, nbytes)."""
-        self._expect(WriterState.RECORD)
+        self._expect(WriterState.RECORD, WriterState.PLANES)
         self.state = WriterState.DATA
         return self._record_start, self._position - self._record_start
 

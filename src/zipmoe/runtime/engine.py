@@ -5,29 +5,32 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from zipmoe._json import load_json
-from zipmoe._threads import available_cpus
+from zipmoe._threads import Workers, available_cpus
 from zipmoe.errors import FormatError, ZipmoeError
 from zipmoe.formats.reader import Container
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
-from zipmoe.runtime.cache import BudgetError, ExpertCache, minimum_budget
 from zipmoe.runtime.config import ModelArgs, read_token_ids
 from zipmoe.runtime.generate import GenerationResult, PromptError, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
-from zipmoe.runtime.slice_cache import DEFAULT_THRESHOLD, WARMUPS, SliceCache, minimum_slice_budget
-from zipmoe.runtime.slices import SliceStore, base_transform
-from zipmoe.runtime.store import ExpertStore, StorageThrottle
+from zipmoe.runtime.pipeline import BudgetError, ExpertPipeline
+from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, SlicePolicy
+from zipmoe.runtime.representations import COMPRESSED, DECODED, LSB, MSB, SM, LosslessExperts, SliceExperts
+from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
+from zipmoe.runtime.storage import IO_MODES, Storage
+from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
-from zipmoe.runtime.weights import check_tensors, to_tensor
+from zipmoe.runtime.weights import base_transform, check_tensors, to_tensor
 
-# The whole budget decoded by default: on the benchmark (docs/BENCHMARKS.md) a compressed tier's hits cost a decode
-# that, at 1.25-3.5 GB/s storage, is worth less than the decoded capacity the tier takes (CPU and GPU alike).
-DEFAULT_DECODED_FRACTION = 1.0
+# Default shares of the tier bytes (the budget less the in-flight reservation), chosen with `zipmoe bench run`
+# (docs/BENCHMARKS.md, docs/RUNTIME.md).
+DEFAULT_TIERS = {DECODED: 0.25, COMPRESSED: 0.75, SM: 0.0}
 # Slower simulated storage would turn one expert read into hours of sleep.
 MIN_STORAGE_GBPS = 1e-3
 MAX_SIZE = 2**63  # bytes: the largest size `parse_size` accepts (8 EiB: beyond any memory)
@@ -146,6 +149,37 @@ def available_memory() -> int:
         return 0
 
 
+def parse_tiers(text: str | Mapping[str, float]) -> dict[str, float]:
+    """Tier shares from ``decoded=0.25,compressed=0.75`` (or a mapping): each in [0, 1], together at most 1.
+
+    Tiers left out get 0; the shares need not add up to 1 (what is left unused is simply not used).
+    """
+    if isinstance(text, Mapping):
+        items = list(text.items())
+    else:
+        items = []
+        for field_ in filter(None, (f.strip() for f in text.split(","))):
+            name, sep, value = field_.partition("=")
+            if not sep:
+                raise BudgetError(
+                    f"--tiers: expected NAME=SHARE, got {field_!r} (example: decoded=0.25,compressed=0.75)"
+                )
+            try:
+                items.append((name.strip(), float(value)))
+            except ValueError:
+                raise BudgetError(f"--tiers: {name.strip()}={value!r} is not a number") from None
+    shares = {DECODED: 0.0, COMPRESSED: 0.0, SM: 0.0}
+    for name, value in items:
+        if name not in shares:
+            raise BudgetError(f"--tiers: unknown tier {name!r} (choose {', '.join(shares)})")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise BudgetError(f"--tiers: {name} must be a share between 0 and 1, got {value!r}")
+        shares[name] = float(value)
+    if sum(shares.values()) > 1.0 + 1e-9:
+        raise BudgetError(f"--tiers: the shares add up to {sum(shares.values()):g}, more than the whole budget")
+    return shares
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How to serve a container.
@@ -153,23 +187,27 @@ class EngineOptions:
     Args:
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: compute dtype (``float32``, ``bfloat16``, ``float16``); None picks per device.
-        memory_budget: bytes for the expert cache, or a string (``2GiB``, ``50%`` of the BF16 expert bytes);
-            None: every expert decoded, capped at half of the available memory.
-        decoded_fraction: share of the cache for decoded experts (the rest holds compressed records); None: all of
-            it without a budget, else `DEFAULT_DECODED_FRACTION`.
-        threads: compute and fetch threads (default: every available CPU).
-        simulate_storage_gbps: simulated storage bandwidth in GB/s (see `zipmoe.runtime.store`).
+        memory_budget: bytes for the expert tiers and the fetches in flight, or a string (``2GiB``, ``50%`` of the
+            BF16 expert bytes); None: every expert decoded, capped at half of the available memory.
+        tiers: lossless mode: shares of the tier bytes for ``decoded``, ``compressed`` and ``sm`` experts
+            (`parse_tiers`); None: `DEFAULT_TIERS`, or everything decoded without a budget.
+        policy: lossless mode: ``lru`` or ``lfu`` (token-weighted, the ZipMoE reference's); `zipmoe.runtime.policies`.
+        threads: compute, decode and read threads (default: every available CPU).
+        io: ``buffered`` (through the page cache) or ``direct`` (O_DIRECT); see `zipmoe.runtime.storage`.
+        simulate_storage_gbps: simulated storage bandwidth in GB/s (see `zipmoe.runtime.storage`).
         mode: ``lossless`` (BF16 experts), or from AMAT slices ``q8``/``q4`` (MAT(8,4)) or ``dbsc``; see
             `resolve_mode`.
-        critical_threshold: dbsc: the top expert's share of its token's routing weight that makes it critical.
-        warmup: slice modes: ``pcw``, ``none`` or ``empty`` (see `zipmoe.runtime.slice_cache`).
+        critical_threshold: dbsc: the raw router probability that makes a selected expert critical.
+        warmup: slice modes: ``pcw``, ``last-layer``, ``random`` or ``empty`` (`zipmoe.runtime.policies.SlicePolicy`).
     """
 
     device: str = "auto"
     dtype: str | None = None
     memory_budget: int | str | None = None
-    decoded_fraction: float | None = None
+    tiers: str | Mapping[str, float] | None = None
+    policy: str = "lru"
     threads: int | None = None
+    io: str = "buffered"
     simulate_storage_gbps: float | None = None
     mode: str = "lossless"
     critical_threshold: float = DEFAULT_THRESHOLD
@@ -182,12 +220,16 @@ class EngineOptions:
                 f"--simulate-storage must be a finite positive bandwidth of at least {MIN_STORAGE_GBPS:g} GB/s, "
                 f"got {gbps!r}"
             )
-        for name, value in (("--decoded-fraction", self.decoded_fraction),
-                            ("--critical-threshold", self.critical_threshold)):  # fmt: skip
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise BudgetError(f"{name} must be between 0 and 1, got {value!r}")
+        if not 0.0 <= self.critical_threshold <= 1.0:  # also NaN
+            raise BudgetError(f"--critical-threshold must be between 0 and 1, got {self.critical_threshold!r}")
         if self.warmup not in WARMUPS:
             raise BudgetError(f"unknown warmup {self.warmup!r} (choose {', '.join(WARMUPS)})")
+        if self.policy not in POLICIES:
+            raise BudgetError(f"unknown policy {self.policy!r} (choose {', '.join(POLICIES)})")
+        if self.io not in IO_MODES:
+            raise BudgetError(f"unknown --io {self.io!r} (choose {', '.join(IO_MODES)})")
+        if self.tiers is not None:
+            parse_tiers(self.tiers)
 
 
 class Engine:
@@ -203,58 +245,96 @@ class Engine:
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.threads = options.threads or available_cpus()
         torch.set_num_threads(self.threads)
-        gbps = options.simulate_storage_gbps
-        throttle = StorageThrottle(gbps * 1e9) if gbps is not None else None
         spec = self.container.slice_spec
         self.slice_mode, base_bits = resolve_mode(options.mode, spec)
         self.mode = options.mode
-        self.store: ExpertStore | SliceStore
-        self.cache: ExpertCache | SliceCache
+        self.storage = Storage(
+            self.container.path, io=options.io, gbps=options.simulate_storage_gbps, pinned=self.device.type == "cuda"
+        )
+        self.workers = Workers(self.threads)
+        self.source: LosslessExperts | SliceExperts
         if self.slice_mode == "lossless":
             group = spec.group_size if spec else DEFAULT_GROUP_SIZE
-            transform = base_transform(self.args, base_bits, group, self.threads) if base_bits else None
-            self.store = ExpertStore(
-                self.container, self.args, self.device, self.dtype, throttle, self.threads, transform
+            transform = base_transform(self.args, base_bits, group, self.workers) if base_bits else None
+            self.source = LosslessExperts(
+                self.container, self.args, self.device, self.dtype, self.storage, self.workers, transform
             )
         else:
-            self.store = SliceStore(self.container, self.args, self.device, self.dtype, throttle, self.threads)
-        self.expert_bf16_bytes = self.store.source_nbytes * len(self.container.experts)
+            self.source = SliceExperts(
+                self.container, self.args, self.device, self.dtype, self.storage, self.workers, self.slice_mode
+            )
+        self.expert_bf16_bytes = self.source.source_nbytes * len(self.container.experts)
+        self.reservation = self.source.reservation(self.args.top_k)
         self.budget = self._budget(options.memory_budget)
-        if isinstance(self.store, SliceStore):
-            self.cache = SliceCache(
-                self.store,
-                self.budget,
-                mode=self.slice_mode,
-                threshold=options.critical_threshold,
-                warmup=options.warmup,
-                threads=self.threads,
+        if self.budget < self.reservation:
+            raise BudgetError(
+                f"memory budget {self.budget / 1e6:.1f} MB is below the minimum of {self.reservation / 1e6:.1f} MB "
+                f"for this model ({self.args.top_k} experts being fetched at once)"
             )
-        else:
-            fraction = options.decoded_fraction
-            if fraction is None:
-                fraction = 1.0 if options.memory_budget is None else DEFAULT_DECODED_FRACTION
-            self.cache = ExpertCache(self.store, self.budget, decoded_fraction=fraction, threads=self.threads)
+        self.tiers = self._tiers(self.budget - self.reservation)
+        self.pipeline = ExpertPipeline(
+            self.source, self.tiers, self.storage, self.reservation, critical_threshold=options.critical_threshold
+        )
         self.dense = self._load_dense()
-        self.model = Transformer(self.args, self.dense, self.cache)
+        self.model = Transformer(self.args, self.dense, self.pipeline)
         self._tokenizer: TextTokenizer | None = None
+
+    def record_routing(self) -> RoutingRecorder:
+        """Record every MoE layer's choices from now on (`zipmoe run --record-routing`)."""
+        self.model.recorder = RoutingRecorder(sum(self.args.sparse_layers), self.args.n_experts, self.args.top_k)
+        return self.model.recorder
+
+    def replay_routing(self, trace: RoutingTrace | None, request: int = 0) -> None:
+        """Route by request ``request`` of ``trace`` instead of the router (None: the router again)."""
+        if trace is None:
+            self.model.replay = None
+            return
+        trace = trace.for_model(sum(self.args.sparse_layers), self.args.n_experts, self.args.top_k)
+        self.model.replay = RoutingReplay(trace, request)
+
+    def _tiers(self, capacity: int) -> Tiers:
+        """The tiers and their policy: per-representation pools (lossless), or one pool of slices."""
+        options = self.options
+        if isinstance(self.source, SliceExperts):
+            experts = [(layer, e) for layer, e, kind in self.source.layouts if kind == MSB]
+            policy = SlicePolicy(lsb_first=self.slice_mode == "dbsc", warmup=options.warmup, experts=sorted(experts))
+            return Tiers({"slices": (capacity, (MSB, LSB))}, policy, depends={LSB: MSB})
+        if options.tiers is not None:
+            shares = parse_tiers(options.tiers)
+            if shares[SM] and not self.source.split:
+                raise BudgetError(
+                    f"--tiers sm={shares[SM]:g}: {self.container.path} stores its experts whole (format version "
+                    f"{self.container.manifest.format_version}); repack it with this zipmoe for the sign-mantissa tier"
+                )
+        elif options.memory_budget is None:
+            shares = {DECODED: 1.0, COMPRESSED: 0.0, SM: 0.0}
+        else:
+            shares = dict(DEFAULT_TIERS)
+            if not self.source.split:  # no planes apart: their share goes to whole records
+                shares[COMPRESSED] += shares.pop(SM)
+                shares[SM] = 0.0
+        pools = {kind: (int(capacity * shares[kind]), (kind,)) for kind in (DECODED, COMPRESSED, SM)}
+        return Tiers(pools, POLICIES[options.policy]())
 
     def _budget(self, requested: int | str | None) -> int:
         if isinstance(requested, int):
             return requested
         if requested is not None:
             return parse_size(requested, percent_of=self.expert_bf16_bytes)
-        if isinstance(self.store, SliceStore):
+        if isinstance(self.source, SliceExperts):
             everything = sum(r.nbytes for r in self.container.manifest.slice_records)
         else:
-            everything = len(self.container.experts) * (self.store.decoded_nbytes + self.store.record_nbytes)
+            everything = len(self.container.experts) * self.source.decoded_nbytes
         cap = available_memory() // 2
-        reserve = self.cache_minimum()
+        reserve = self.reservation
         return max(reserve, min(everything + reserve, cap) if cap else everything + reserve)
 
     def cache_minimum(self) -> int:
-        if isinstance(self.store, SliceStore):
-            return minimum_slice_budget(self.store, self.args.top_k)
-        return minimum_budget(self.store, self.args.top_k)
+        return self.reservation
+
+    @property
+    def cache(self) -> ExpertPipeline:
+        return self.pipeline
 
     def _load_dense(self) -> dict[str, torch.Tensor]:
         weights = {}
@@ -313,7 +393,8 @@ class Engine:
         return "".join(pieces), result
 
     def close(self) -> None:
-        self.cache.close()
+        self.pipeline.close()
+        self.workers.close()
         self.container.close()
 
     def __enter__(self) -> Engine:
@@ -325,11 +406,11 @@ class Engine:
 
 def expert_bytes_summary(engine: Engine) -> dict[str, Any]:
     """Sizes that explain a budget: one expert BF16/decoded/record (or MSB and LSB records), all experts BF16."""
-    record = engine.store.record_nbytes
+    record = engine.source.record_nbytes
     return {
         "mode": engine.mode,
-        "expert_bf16_bytes": engine.store.source_nbytes,
-        "expert_decoded_bytes": engine.store.decoded_nbytes,
+        "expert_bf16_bytes": engine.source.source_nbytes,
+        "expert_decoded_bytes": engine.source.decoded_nbytes,
         "expert_record_bytes": dict(record) if isinstance(record, dict) else record,
         "all_experts_bf16_bytes": engine.expert_bf16_bytes,
         "n_experts": len(engine.container.experts),

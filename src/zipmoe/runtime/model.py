@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,8 +42,18 @@ def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
 class ExpertBackend(Protocol):
     """Runs the routed experts of one MoE layer."""
 
-    def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's K experts of weight * expert(x); x [T, H], top_index/top_weight [T, K] -> [T, H]."""
+    def run(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        top_index: torch.Tensor,
+        top_weight: torch.Tensor,
+        top_prob: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum over each token's K experts of weight * expert(x); x [T, H], top_index/top_weight [T, K] -> [T, H].
+
+        ``top_prob`` are the chosen experts' raw router probabilities (before any renormalisation), float32.
+        """
         ...
 
     def on_phase(self, phase: str) -> None:
@@ -88,12 +99,26 @@ class InMemoryExperts:
     def on_phase(self, phase: str) -> None:
         pass
 
-    def run(self, layer: int, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, x: torch.Tensor, top_index, top_weight, top_prob=None) -> torch.Tensor:
         outputs = {
             e: (tokens, expert_output(x, self.experts[(layer, e)], tokens, slots, top_weight))
             for e, tokens, slots in expert_assignments(top_index)
         }
         return accumulate(x, outputs)
+
+
+class RoutingReplay(Protocol):
+    """Experts named by a routing trace instead of the router's choice (`zipmoe.runtime.routing.RoutingReplay`)."""
+
+    def choices(self, layer_position: int, start: int, count: int) -> np.ndarray:
+        """The experts of tokens ``start..start+count-1`` at the ``layer_position``-th MoE layer: [count, K]."""
+        ...
+
+
+class RoutingRecorder(Protocol):
+    """Receives every MoE layer's choices (`zipmoe.runtime.routing.RoutingRecorder`)."""
+
+    def record(self, layer_position: int, top_index: np.ndarray) -> None: ...
 
 
 class KVCache:
@@ -125,6 +150,12 @@ class Transformer:
         half = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=self.device) / args.head_dim
         self.inv_freq = 1.0 / (args.rope_theta**half)
         self.router_names = [router_name(weights, i) for i in range(args.n_layers)]
+        self.moe_position = {
+            layer: i for i, layer in enumerate(n for n in range(args.n_layers) if args.sparse_layers[n])
+        }
+        self.replay: RoutingReplay | None = None  # experts from a routing trace instead of the router
+        self.recorder: RoutingRecorder | None = None  # sees every MoE layer's choices
+        self._start = 0
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.args, max_len, self.device, self.dtype)
@@ -144,6 +175,7 @@ class Transformer:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)  # [T, D]
         h = F.embedding(tokens, self.embed)  # [T, H]
+        self._start = start
         for layer in range(a.n_layers):
             p = f"model.layers.{layer}."
             h = h + self._attention(layer, self._norm(h, p + "input_layernorm.weight"), start, cos, sin, cache)
@@ -208,12 +240,21 @@ class Transformer:
         a = self.args
         logits = F.linear(x, self.w[self.router_names[layer]])  # [T, E]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        top_weight, top_index = torch.topk(probs, a.top_k, dim=-1)  # [T, K]
+        position = self.moe_position[layer]
+        if self.replay is not None:  # the trace's experts, in decreasing router probability
+            chosen = torch.as_tensor(self.replay.choices(position, self._start, x.shape[0]), device=x.device)
+            top_weight, order = torch.sort(probs.gather(1, chosen.long()), dim=-1, descending=True)
+            top_index = chosen.long().gather(1, order)
+        else:
+            top_weight, top_index = torch.topk(probs, a.top_k, dim=-1)  # [T, K]
+        if self.recorder is not None:
+            self.recorder.record(position, top_index.cpu().numpy())
+        top_prob = top_weight
         if a.norm_topk_prob:
             top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
         if a.family != "mixtral":  # Mixtral keeps the routing weights in float32
             top_weight = top_weight.to(x.dtype)
-        out = self.experts.run(layer, x, top_index, top_weight)
+        out = self.experts.run(layer, x, top_index, top_weight, top_prob)
         if a.shared_expert_intermediate:
             p = f"model.layers.{layer}.mlp."
             shared = self._dense_mlp(p + "shared_expert.", x)

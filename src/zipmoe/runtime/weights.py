@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zipmoe._threads import Workers
 from zipmoe.errors import FormatError
 from zipmoe.formats.constants import CLASS_DENSE
 from zipmoe.formats.manifest import Manifest
 from zipmoe.formats.reader import SmallTensor
+from zipmoe.quant.amat import base_quantized
+from zipmoe.quant.spec import SliceSpec
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
 from zipmoe.runtime.model import ExpertWeights, router_name
 
@@ -209,3 +212,25 @@ def _check_members(args: ModelArgs, manifest: Manifest, members: tuple[tuple[int
         roles.append(role)
     if sorted(roles) not in (["down", "gate", "up"], ["down", "gate_up"]):
         raise UnsupportedModelError(f"{label}: expected gate, up and down projections, the container holds {roles}")
+
+
+def base_transform(args: ModelArgs, bits: int, group: int, workers: Workers):
+    """A weight transform that quantizes each expert tensor on its own at ``bits`` (SliceMoE's "Base" baseline).
+
+    Raises:
+        SliceError: the expert dimensions are not multiples of ``group``.
+    """
+    spec = SliceSpec(8, 4, group)
+    spec.check_shape("expert gate/up projection", (args.moe_intermediate, args.hidden_size))
+    spec.check_shape("expert down projection", (args.hidden_size, args.moe_intermediate))
+
+    def quantize(t: torch.Tensor) -> torch.Tensor:
+        rows, cols = t.shape
+        values = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        out = base_quantized(values, rows, cols, bits, group, workers)
+        return torch.from_numpy(out).view(rows, cols).to(device=t.device, dtype=t.dtype)
+
+    def apply(weights: ExpertWeights) -> ExpertWeights:
+        return ExpertWeights(quantize(weights.gate), quantize(weights.up), quantize(weights.down))
+
+    return apply
