@@ -182,6 +182,9 @@ class FakeSource:
         fetch.finish = lambda: {k: (k, self.record_nbytes[k]) for k in missing}
         return fetch
 
+    def recycle(self, fetch, kept):
+        pass
+
     def compute(self, key, held, x, tokens, slots, top_weight, high):
         eye = torch.eye(2) * (1 + key[1] + (0.5 if bool(high.any()) else 0))
         return expert_output(x, ExpertWeights(eye, eye, eye), tokens, slots, top_weight)

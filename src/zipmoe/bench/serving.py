@@ -126,7 +126,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
         result = generate(model, prompt, sampling)
     else:
         from zipmoe.codecs.parts import warm_up
-        from zipmoe.runtime.engine import Engine, EngineOptions
+        from zipmoe.runtime.engine import DEFAULT_POLICY, Engine, EngineOptions
 
         warm_up()
         storage = config["storage"]
@@ -135,7 +135,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
             dtype=str(dtype).removeprefix("torch."),
             memory_budget=config["budget"],
             tiers=config.get("tiers"),
-            policy=config.get("policy") or "lru",
+            policy=config.get("policy") or DEFAULT_POLICY,
             threads=config["threads"],
             io=DIRECT if storage == DIRECT else "buffered",
             simulate_storage_gbps=storage if isinstance(storage, float) else None,

@@ -46,16 +46,16 @@ def command(
         typer.Option(
             "--tiers",
             help="Shares of the expert memory per tier: decoded (compute-ready), compressed (whole records), sm "
-            "(sign+mantissa planes; a hit reads only the coded exponents), e.g. decoded=0.25,compressed=0.75 "
-            "(the default; see docs/RUNTIME.md).",
+            "(sign+mantissa planes; a hit reads only the coded exponents), e.g. decoded=0.5,sm=0.5 "
+            "(default: decoded=1; see docs/RUNTIME.md).",
         ),
     ] = None,
     decoded_fraction: Annotated[
         Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, hidden=True)
     ] = None,  # the old spelling of --tiers decoded=F,compressed=1-F
     policy: Annotated[
-        str, typer.Option("--policy", help="What the tiers keep: lru, or lfu (token-weighted, ZipMoE's).")
-    ] = "lru",
+        str, typer.Option("--policy", help="What the tiers keep: lfu (token-weighted, ZipMoE's), or lru.")
+    ] = "lfu",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
     dtype: Annotated[
         Optional[str],

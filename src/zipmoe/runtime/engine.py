@@ -28,9 +28,11 @@ from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
 from zipmoe.runtime.weights import base_transform, check_tensors, to_tensor
 
-# Default shares of the tier bytes (the budget less the in-flight reservation), chosen with `zipmoe bench run`
-# (docs/BENCHMARKS.md, docs/RUNTIME.md).
-DEFAULT_TIERS = {DECODED: 0.25, COMPRESSED: 0.75, SM: 0.0}
+# Default shares of the tier bytes (the budget less the in-flight reservation) and policy, chosen with
+# `zipmoe bench run --sweep` (docs/BENCHMARKS.md, docs/RUNTIME.md): on CPUs every hit of a compact tier costs a
+# decode on the cores that also compute, so decoded experts under token-weighted LFU serve fastest there.
+DEFAULT_TIERS = {DECODED: 1.0, COMPRESSED: 0.0, SM: 0.0}
+DEFAULT_POLICY = "lfu"
 # Slower simulated storage would turn one expert read into hours of sleep.
 MIN_STORAGE_GBPS = 1e-3
 MAX_SIZE = 2**63  # bytes: the largest size `parse_size` accepts (8 EiB: beyond any memory)
@@ -205,7 +207,7 @@ class EngineOptions:
     dtype: str | None = None
     memory_budget: int | str | None = None
     tiers: str | Mapping[str, float] | None = None
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     threads: int | None = None
     io: str = "buffered"
     simulate_storage_gbps: float | None = None
@@ -272,6 +274,8 @@ class Engine:
                 f"for this model ({self.args.top_k} experts being fetched at once)"
             )
         self.tiers = self._tiers(self.budget - self.reservation)
+        if isinstance(self.source, LosslessExperts):
+            self.source.pool.limit = self.reservation  # free buffers stay within what fetches in flight may hold
         self.pipeline = ExpertPipeline(
             self.source, self.tiers, self.storage, self.reservation, critical_threshold=options.critical_threshold
         )

@@ -268,7 +268,9 @@ class ExpertPipeline:
             job.held.update({kind: value for kind, (value, _) in new.items()})
             key = (layer, job.expert)
             outputs[job.expert] = (job.tokens, self._compute(key, job, x, top_weight))
-            self._admit(key, new)
+            job.held = {}  # what the tiers do not keep is freed now, not when the layer ends
+            self.source.recycle(fetch, self._admit(key, new))
+            del new, fetch
             reserved -= job.cost
             launch()
         if reads >= max(2, len(pending) // 2):  # a miss-heavy layer: was storage kept busy?
@@ -276,19 +278,19 @@ class ExpertPipeline:
             stats.busy_seconds += after.busy_seconds - storage_before.busy_seconds
             stats.window_seconds += max(0.0, last_read[0] - started)
 
-    def _admit(self, key, new: dict[str, tuple[Any, int]]) -> None:
+    def _admit(self, key, new: dict[str, tuple[Any, int]]) -> set[str]:
         """Offer a fetch's new representations to the tiers, fastest first; of the compact lossless forms (a whole
-        record, or its sign-mantissa planes) only one is kept: the record if its tier takes it."""
-        kept_compact = False
+        record, or its sign-mantissa planes) only one is kept: the record if its tier takes it. Returns what was
+        kept."""
+        kept: set[str] = set()
         for kind in self.tiers.kinds:
-            if kind not in new or self.tiers.capacity(kind) <= 0:
-                continue
-            if kind == "sm" and kept_compact:
+            if kind not in new or self.tiers.capacity(kind) <= 0 or (kind == "sm" and "compressed" in kept):
                 continue
             value, nbytes = new[kind]
-            admitted = self.tiers.admit(kind, key, value, nbytes)
-            kept_compact |= admitted and kind == "compressed"
+            if self.tiers.admit(kind, key, value, nbytes):
+                kept.add(kind)
         self._note_peak(0)
+        return kept
 
     def _note_peak(self, reserved: int) -> None:
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.tiers.used + max(reserved, self.reservation))

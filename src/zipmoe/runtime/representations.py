@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from zipmoe.quant import torch_ops
 from zipmoe.quant.amat import dequantize_tensor
 from zipmoe.quant.matvec import matmul_slices
 from zipmoe.quant.spec import Precision
+from zipmoe.runtime.buffers import BufferPool
 from zipmoe.runtime.config import ModelArgs
 from zipmoe.runtime.model import ExpertWeights, expert_output
 from zipmoe.runtime.storage import Storage
@@ -62,6 +64,7 @@ class Fetch:
     bytes_decoded: int = 0
     pending: list[Future] = field(default_factory=list)
     finish: Callable[[], dict[str, tuple[Any, int]]] | None = None  # -> new representations: kind -> (value, nbytes)
+    buffers: dict[str, list[np.ndarray]] = field(default_factory=dict)  # pooled, by the representation they hold
 
 
 def _missing_expert(container: Container, args: ModelArgs, held) -> None:
@@ -113,6 +116,11 @@ class LosslessExperts:
         self.source_nbytes = layouts[0].source_nbytes  # BF16 bytes of one expert
         self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
         self.widen = dtype == torch.float32 and device.type == "cpu"
+        self.pool = BufferPool(storage.buffer, 0)  # the engine sets its limit (the reservation)
+        self._sizes = {  # buffer sizes: every expert's record sections and weights fit the largest
+            "exponents": storage.buffer(max(layout.exponent_nbytes for layout in layouts)).size,
+            "planes": storage.buffer(self.sm_nbytes).size,
+        }
 
     def nbytes(self, kind: str) -> int:
         """The most bytes one expert takes as ``kind``."""
@@ -133,44 +141,66 @@ class LosslessExperts:
     def fetch(self, key: Key, held: dict[str, Any], needed: tuple[str, ...], submit: Submit) -> Fetch:
         """Read what ``key`` lacks (on the storage thread) and start decoding it (on the decode thread)."""
         layout = self.layouts[key]
+        check = True  # bytes from storage are checked as they are decoded; held records were, when they were read
+        record = None  # a record read now, to offer to the tiers
         if COMPRESSED in held:
-            exponents, planes = held[COMPRESSED]
             fetch = Fetch(key, COMPRESSED)
-            new_record = None
+            exponents, planes = held[COMPRESSED]
+            check = False
         elif SM in held:
-            planes = held[SM]
-            exponents = self.storage.read(layout.offset, layout.exponent_nbytes)
             fetch = Fetch(key, SM, bytes_read=layout.exponent_nbytes)
-            new_record = None
+            planes = held[SM]
+            exponents = self._read(fetch, "exponents", layout.offset, layout.exponent_nbytes)
         else:
             fetch = Fetch(key, STORAGE, bytes_read=layout.nbytes, reads=1)
-            if layout.split:
-                exponents = self.storage.read(layout.offset, layout.exponent_nbytes)
-                buf = self.storage.buffer(layout.planes_nbytes)
-                planes = self.storage.span(buf, layout.planes, layout.planes_nbytes)
-                outs = self._outputs(layout)
-                for i, _ in enumerate(self.storage.read_pieces(layout.planes, _plane_sizes(layout), out=buf)):
-                    fetch.pending.append(submit(self._decode, layout, [i], exponents, planes, outs))
-                fetch.finish = lambda: self._finish(fetch, layout, outs, (exponents, planes))
-                fetch.bytes_decoded = layout.source_nbytes
-                return fetch
-            exponents = self.storage.read(layout.offset, layout.nbytes)
-            planes = None
-            new_record = (exponents, None)
-        outs = self._outputs(layout)
-        fetch.pending.append(submit(self._decode, layout, range(len(layout.members)), exponents, planes, outs))
-        fetch.finish = lambda: self._finish(fetch, layout, outs, new_record)
+            if not layout.split:
+                exponents, planes = self._read(fetch, "exponents", layout.offset, layout.nbytes), None
+                record = (exponents, None)
+        outs = self._outputs(fetch, layout)
         fetch.bytes_decoded = layout.source_nbytes
+        if fetch.served_from == STORAGE and layout.split:  # the exponents, then each plane, decoded as it arrives
+            exponents = self._read(fetch, "exponents", layout.offset, layout.exponent_nbytes)
+            buf = self.pool.take(self._sizes["planes"])
+            fetch.buffers.setdefault(SM, []).append(buf)
+            planes = self.storage.span(buf, layout.planes, layout.planes_nbytes)
+            for i, _ in enumerate(self.storage.read_pieces(layout.planes, _plane_sizes(layout), out=buf)):
+                fetch.pending.append(submit(self._decode, layout, [i], exponents, planes, outs))
+            record = (exponents, planes)
+        else:
+            members = range(len(layout.members))
+            fetch.pending.append(submit(self._decode, layout, members, exponents, planes, outs, check))
+        fetch.finish = partial(self._finish, fetch.pending, layout, outs, record)  # not a closure over fetch: no cycle
         return fetch
 
-    def _outputs(self, layout: ExpertLayout) -> list[np.ndarray]:
-        widen = self.widen and all(m.dtype == "BF16" for m in layout.members)
-        scale = 2 if widen else 1
-        if self.device.type == "cuda":
-            return [self.storage.buffer(m.view.size * scale)[: m.view.size * scale] for m in layout.members]
-        return [np.empty(m.view.size * scale, np.uint8) for m in layout.members]
+    def _read(self, fetch: Fetch, role: str, offset: int, nbytes: int) -> np.ndarray:
+        """Read into a pooled buffer, noted in ``fetch`` as part of the compressed record."""
+        buf = self.pool.take(self._sizes[role] if nbytes <= self._sizes[role] else self.storage.buffer(nbytes).size)
+        fetch.buffers.setdefault(COMPRESSED, []).append(buf)
+        return self.storage.read(offset, nbytes, out=buf)
 
-    def _decode(self, layout: ExpertLayout, which, exponents: np.ndarray, planes, outs: list[np.ndarray]) -> None:
+    def _outputs(self, fetch: Fetch, layout: ExpertLayout) -> list[np.ndarray]:
+        """One buffer per member for the decoded weights (pooled on the CPU, where the weights are views of it)."""
+        widen = self.widen and all(m.dtype == "BF16" for m in layout.members)
+        sizes = [m.view.size * (2 if widen else 1) for m in layout.members]
+        if self.device.type == "cuda":  # pinned, copied to the GPU asynchronously: never reused
+            return [self.storage.buffer(n)[:n] for n in sizes]
+        buf = self.pool.take(sum(sizes))
+        fetch.buffers[DECODED] = [buf]
+        bounds = np.cumsum([0, *sizes])
+        return [buf[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def recycle(self, fetch: Fetch, kept: set[str]) -> None:
+        """Hand back the buffers of representations the tiers did not keep (once they have been computed with).
+
+        A record's buffers are kept with it; its planes buffer also when only the sign-mantissa planes were kept.
+        """
+        for kind, buffers in fetch.buffers.items():
+            if kind in kept or (kind == SM and COMPRESSED in kept):
+                continue
+            for buf in buffers:
+                self.pool.give(buf)
+
+    def _decode(self, layout: ExpertLayout, which, exponents: np.ndarray, planes, outs: list[np.ndarray], check=True):
         widen = outs[0].size == 2 * layout.members[0].view.size
         label = f"expert (layer {layout.layer}, expert {layout.expert})"
         items = []
@@ -180,12 +210,12 @@ class LosslessExperts:
             item = (exponents, view, outs[i], f"{label} {m.name!r}")
             items.append((*item, planes) if view is m.split_view else item)
         try:
-            decode_parts(items, self.workers, widen=widen)
+            decode_parts(items, self.workers, widen=widen, check=check)
         except FormatError as exc:
             raise type(exc)(f"{self.container.path}: {exc}") from None
 
-    def _finish(self, fetch: Fetch, layout: ExpertLayout, outs: list[np.ndarray], record) -> dict[str, tuple]:
-        for future in fetch.pending:
+    def _finish(self, pending: list[Future], layout: ExpertLayout, outs: list[np.ndarray], record) -> dict[str, tuple]:
+        for future in pending:
             future.result()
         widen = outs[0].size == 2 * layout.members[0].view.size
         tensors = [
@@ -309,6 +339,9 @@ class SliceExperts:
         fetch = Fetch(key, STORAGE if missing else MSB, bytes_read=nbytes, reads=len(slices))
         fetch.finish = lambda: {kind: (s, s.nbytes) for kind, s in slices.items()}
         return fetch
+
+    def recycle(self, fetch: Fetch, kept: set[str]) -> None:
+        """Slices are small and kept as read: nothing to hand back."""
 
     def weights(self, key: Key, msb: Slice, lsb: Slice | None, precision: Precision) -> ExpertWeights:
         """Compute-ready weights of one expert at ``precision`` (`Precision.HIGH` needs the LSB slice)."""

@@ -86,11 +86,14 @@ class _Throttle:
         self._lock = threading.Lock()
         self._free_at = 0.0
 
-    def transfer(self, nbytes: int) -> None:
-        """Block until a read of ``nbytes`` issued now would have completed."""
+    def transfer(self, nbytes: int, issued: float) -> None:
+        """Block until a read of ``nbytes`` issued at ``issued`` (a `time.perf_counter` value) would have completed.
+
+        The device starts on a request when it is issued (or when it has finished the ones before), as a DMA
+        transfer would: the copy from the page cache that really happens meanwhile is hidden in the simulated time.
+        """
         with self._lock:
-            now = time.perf_counter()
-            self._free_at = max(now, self._free_at) + nbytes / self.rate
+            self._free_at = max(issued, self._free_at) + nbytes / self.rate
             done = self._free_at
         delay = done - time.perf_counter()
         if delay > 0:
@@ -349,6 +352,7 @@ class Storage:
         if fd < 0:
             raise StorageError(f"{self.path}: read at offset {offset} after close")
         self._begin()
+        issued = time.perf_counter()
         try:
             while True:
                 try:
@@ -372,7 +376,7 @@ class Storage:
                         f"{self.path}: read of {end - offset} bytes at offset {offset} failed ({exc.strerror})", exc
                     ) from None
             if self._throttle is not None:
-                self._throttle.transfer(transferred)
+                self._throttle.transfer(transferred, issued)
         finally:
             self._end()
         self._account(requested, transferred, 1)
