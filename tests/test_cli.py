@@ -117,6 +117,27 @@ def test_bench_pack_json(capsys, checkpoints):
     assert code == 0 and doc["pack_mbps"] > 0 and doc["peak_rss_bytes"] > doc["baseline_rss_bytes"] > 0
 
 
+def test_bench_run_json(capsys, checkpoints, tmp_path):
+    """Every configuration in a fresh process, on a copy of the tiny checkpoint (the bench packs beside it)."""
+    import shutil
+
+    source = tmp_path / "tiny"
+    shutil.copytree(checkpoints.demo("tiny"), source)
+    code, stdout, err = run_cli(
+        capsys, "bench", "run", str(source), "--budgets", "90", "--storage", "2", "--prompt-tokens", "6",
+        "--new-tokens", "3", "--threads", "1", "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(stdout)}
+    assert {"full", "full, router", "uncompressed", "zipmoe", "zipmoe, router", "zipmoe, all hits"} <= set(rows)
+    for method in ("uncompressed", "zipmoe", "zipmoe, router", "zipmoe, all hits"):  # the tokens of the full model
+        assert rows[method]["tokens_match_full"], method
+    zipmoe, uncompressed = rows["zipmoe"], rows["uncompressed"]
+    assert zipmoe["storage_gbps"] == 2 and zipmoe["budget_percent"] == 90 and uncompressed["config"]
+    assert 0 < zipmoe["bytes_read"] < uncompressed["bytes_read"]  # same misses or fewer, smaller records
+    assert zipmoe["tpot_seconds"] > 0 and zipmoe["ttft_seconds"] > 0
+
+
 @pytest.mark.parametrize("args", [[], ["pack"], ["pack", "--bogus", "x"], ["verify"]])
 def test_usage_errors_are_usage_lines_not_tracebacks(capsys, args):
     code, out, err = run_cli(capsys, *args)

@@ -56,19 +56,21 @@ def test_container_serves_the_same_bits_as_the_safetensors(checkpoints, family):
     tokens = torch.tensor(PROMPT)
     expected = ref.forward(tokens, 0, ref.new_cache(32), all_logits=True)
     expected_tokens = greedy(ref)
-    for budget in (None, "minimum"):
-        with engine(packed) as e:
-            if budget == "minimum":
-                minimum = e.cache_minimum()
-                e.close()
-                e = engine(packed, memory_budget=minimum)
+    with engine(packed) as e:
+        minimum, decoded = e.cache_minimum(), e.source.decoded_nbytes
+    configurations = {
+        "unlimited": {},
+        "minimum": {"memory_budget": minimum},
+        "every tier": {"memory_budget": minimum + 3 * decoded, "tiers": "decoded=0.4,compressed=0.3,sm=0.3"},
+    }
+    for name, options in configurations.items():
+        with engine(packed, **options) as e:
             logits = e.model.forward(tokens, 0, e.model.new_cache(32), all_logits=True)
-            assert torch.equal(logits, expected)
-            assert greedy(e.model) == expected_tokens
-            if budget == "minimum":
+            assert torch.equal(logits, expected), name
+            assert greedy(e.model) == expected_tokens, name
+            if name != "unlimited":
                 stats = e.pipeline.stats
                 assert stats.served_from["storage"] > 0 and stats.peak_bytes <= e.budget
-            e.close()
 
 
 def test_fused_layout_serves_like_per_expert(checkpoints):

@@ -247,7 +247,7 @@ def run(
             str(cache["served_from"].get(k, 0)) for k in ("decoded", "compressed", "sm", "storage")
         )  # fmt: skip
         busy = None if not cache else cache.get("storage_busy")
-        versus = base is not None and not r.method.startswith("uncompressed")
+        versus = base is not None and not r.method.startswith("uncompressed") and "router" not in r.method
         t.add_row(
             r.method,
             r.config or "-",

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from zipmoe.runtime.tiers import Key, Pool, Tiers
 
 PREFILL, DECODE = "prefill", "decode"
-DEFAULT_THRESHOLD = 0.3  # dbsc: raw router probability that makes a selected expert critical (docs/RUNTIME.md)
+DEFAULT_THRESHOLD = 0.4  # dbsc: raw router probability that makes a selected expert critical (docs/RUNTIME.md)
 MSB, LSB = "msb", "lsb"
 
 
