@@ -67,14 +67,36 @@ class Fetch:
     buffers: dict[str, list[np.ndarray]] = field(default_factory=dict)  # pooled, by the representation they hold
 
 
-def _missing_expert(container: Container, args: ModelArgs, held) -> None:
-    for layer in range(args.n_layers):
-        for e in range(args.n_experts if args.sparse_layers[layer] else 0):
-            if (layer, e) not in held:
-                raise FormatError(f"{container.path}: no expert record for layer {layer}, expert {e}")
+class _Source:
+    """What both sources hold: the container, the model, where weights go, how bytes are read and decoded."""
+
+    def __init__(
+        self,
+        container: Container,
+        args: ModelArgs,
+        device: torch.device,
+        dtype: torch.dtype,
+        storage: Storage,
+        workers: Workers,
+    ) -> None:
+        self.container = container
+        self.args = args
+        self.device = device
+        self.dtype = dtype
+        self.storage = storage
+        self.workers = workers
+        self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
+
+    def _check_complete(self, held) -> None:
+        """Every (MoE layer, expert) of the model is in ``held``."""
+        args = self.args
+        for layer in range(args.n_layers):
+            for e in range(args.n_experts if args.sparse_layers[layer] else 0):
+                if (layer, e) not in held:
+                    raise FormatError(f"{self.container.path}: no expert record for layer {layer}, expert {e}")
 
 
-class LosslessExperts:
+class LosslessExperts(_Source):
     """Experts decoded bit-exactly from their records (representations ``decoded``, ``compressed``, ``sm``).
 
     Args:
@@ -99,22 +121,16 @@ class LosslessExperts:
         workers: Workers,
         transform: Callable[[ExpertWeights], ExpertWeights] | None = None,
     ) -> None:
-        self.container = container
-        self.args = args
-        self.device = device
-        self.dtype = dtype
-        self.storage = storage
-        self.workers = workers
+        super().__init__(container, args, device, dtype, storage, workers)
         self.transform = transform
         self.layouts: dict[Key, ExpertLayout] = container.expert_layouts
-        _missing_expert(container, args, self.layouts)
+        self._check_complete(self.layouts)
         layouts = list(self.layouts.values())
         self.split = all(layout.split for layout in layouts)
         self.record_nbytes = max(layout.nbytes for layout in layouts)
         self.sm_nbytes = max(layout.planes_nbytes for layout in layouts) if self.split else 0
         self.sm_read_nbytes = max(layout.exponent_nbytes for layout in layouts)
         self.source_nbytes = layouts[0].source_nbytes  # BF16 bytes of one expert
-        self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
         self.widen = dtype == torch.float32 and device.type == "cpu"
         self.pool = BufferPool(storage.buffer, 0)  # the engine sets its limit (the reservation)
         self._sizes = {  # buffer sizes: every expert's record sections and weights fit the largest
@@ -252,7 +268,7 @@ class Slice:
     nbytes: int
 
 
-class SliceExperts:
+class SliceExperts(_Source):
     """Experts made from AMAT slices: ``msb`` alone (low bits) or with ``lsb`` (high bits).
 
     Args:
@@ -279,16 +295,11 @@ class SliceExperts:
     ) -> None:
         if container.slice_spec is None:
             raise FormatError(f"{container.path}: holds no AMAT slices (pack it with --slices 8:4)")
-        self.container = container
+        super().__init__(container, args, device, dtype, storage, workers)
         self.spec = container.slice_spec
-        self.args = args
-        self.device = device
-        self.dtype = dtype
-        self.storage = storage
-        self.workers = workers
         self.mode = mode
         self.layouts: dict[tuple[int, int, str], SliceLayout] = container.slice_layouts
-        _missing_expert(container, args, {(layer, e) for layer, e, _ in self.layouts})
+        self._check_complete({(layer, e) for layer, e, _ in self.layouts})
         self.roles = {}
         for layout in self.layouts.values():
             for m in layout.members:
@@ -297,7 +308,6 @@ class SliceExperts:
         self.record_nbytes = {
             kind: max(layout.nbytes for (_, _, k), layout in self.layouts.items() if k == kind) for kind in self.kinds
         }
-        self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
         self.source_nbytes = 2 * args.expert_params  # BF16
 
     def nbytes(self, kind: str) -> int:
