@@ -1,0 +1,1 @@
+"""Cache planning from routing statistics (the ZipMoE co-design): activation model, planner."""
