@@ -12,6 +12,9 @@ Configurations:
   TPOT is labelled ``uncompressed`` (the others are kept as ``uncompressed candidate`` rows);
 * ``zipmoe``: the lossless container with the runtime's default tiers and policy (`EngineOptions`), and any
   ``--sweep`` configuration as ``zipmoe TIERS POLICY``;
+* ``zipmoe-planned`` (``--plan auto``): the lossless container with a plan (`zipmoe.planning`) fitted on the first
+  half of the trace's requests and this machine's measured costs, measured on the second half, with cache-affinity
+  issue order, and again with FIFO order (``zipmoe-planned, fifo``); the plan's predicted TPOT is in the JSON;
 * ``zipmoe, router``: the model's own router, the correctness row (the same tokens as ``full, router``);
 * ``zipmoe, all hits``: a budget that holds every expert decoded, timed on a second generation;
 * ``accelerate``: transformers with accelerate's disk offload of half of the routed experts (whole layers, the
@@ -41,6 +44,8 @@ from zipmoe.errors import ZipmoeError
 
 DIRECT = "direct"
 ROUTER = "router"
+PLANNED = "zipmoe-planned"
+TRACE_REQUESTS = 8  # requests of a synthetic trace: plans fit on the first half, every row replays the next one
 # (tiers, policy) the uncompressed baseline tries at every budget and storage; the fastest is reported
 BASELINE_CANDIDATES = (
     ("decoded=1", "lru"),
@@ -84,15 +89,22 @@ def _current_rss() -> int:
 
 
 def _trace(config: dict[str, Any], args: Any) -> Any:
-    """The routing trace of a configuration (None: the model's own router)."""
+    """The routing trace of a configuration (None: the model's own router), fitted to the model."""
     if config["routing"] == ROUTER:
         return None
     from zipmoe.runtime.routing import parse_routing
 
-    return parse_routing(
+    trace = parse_routing(
         config["routing"], num_layers=sum(args.sparse_layers), num_experts=args.n_experts, top_k=args.top_k,
-        requests=1, tokens_per_request=len(config["prompt"]) + config["new_tokens"], seed=0,
+        requests=TRACE_REQUESTS, tokens_per_request=len(config["prompt"]) + config["new_tokens"], seed=0,
     )  # fmt: skip
+    return trace.for_model(sum(args.sparse_layers), args.n_experts, args.top_k)
+
+
+def measured_request(trace: Any) -> int:
+    """The request every configuration replays: the first of the second half (a plan is fitted on the first half;
+    a trace of one request is both fitted on and measured)."""
+    return len(trace.requests) // 2
 
 
 def _child(config: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +134,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
         loaded = _current_rss()
         generate(model, prompt[:4], SamplingOptions(max_new_tokens=2))  # warm-up (GPU kernels, allocator)
         if trace is not None:
-            model.replay = RoutingReplay(trace, 0)
+            model.replay = RoutingReplay(trace, measured_request(trace))
         result = generate(model, prompt, sampling)
     else:
         from zipmoe.codecs.parts import warm_up
@@ -141,7 +153,19 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
             simulate_storage_gbps=storage if isinstance(storage, float) else None,
         )
         engine = Engine(config["container"], options)
-        engine.replay_routing(_trace(config, engine.args))
+        trace = _trace(config, engine.args)
+        if trace is not None:
+            engine.replay_routing(trace, measured_request(trace))
+        if method.startswith(PLANNED):
+            from zipmoe.planning.build import plan_engine
+
+            fitted = None if trace is None else slice(0, max(1, len(trace.requests) // 2))
+            plan = plan_engine(engine, trace, requests=fitted)
+            engine.pipeline.schedule = config.get("schedule") or "affinity"
+            engine.use_plan(plan.loaded())
+            out["predicted_tpot_seconds"] = plan.predicted_tpot_seconds
+            out["plan"] = {"decoded_share": plan.decoded_share, "compact": plan.compact,
+                           "pinned": {kind: len(keys) for kind, keys in plan.pinned.items()}}  # fmt: skip
         loaded = _current_rss()
         if config.get("warm"):
             engine.generate_tokens(prompt, sampling)
@@ -251,6 +275,7 @@ def run_serving_bench(
     storages: tuple[float | str, ...] = (1.25, DIRECT),
     routing: str = "synthetic:qwen",
     sweep: tuple[tuple[str, str], ...] = (),
+    plan: bool = False,
     prompt_tokens: int = 32,
     new_tokens: int = 32,
     accelerate_tokens: int = 4,
@@ -261,7 +286,8 @@ def run_serving_bench(
 ) -> list[ServingRow]:
     """Run every configuration (see the module docstring); returns one row each, the ``full`` rows first.
 
-    ``sweep``: extra zipmoe configurations ``(tiers, policy)`` at every budget and storage.
+    ``sweep``: extra zipmoe configurations ``(tiers, policy)`` at every budget and storage. ``plan``: add the
+    ``zipmoe-planned`` rows (a plan fitted on the trace's first half; cache-affinity and FIFO issue order).
     """
     prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
     base = {"prompt": prompt, "new_tokens": new_tokens, "threads": threads, "device": device, "routing": routing}
@@ -289,6 +315,9 @@ def run_serving_bench(
             best = min(candidates, key=lambda r: r.result["tpot_seconds"])
             rows.append(ServingRow("uncompressed", budget, storage, dict(best.result), best.config))
             run("zipmoe", budget, storage, container=str(container))
+            if plan:
+                run(PLANNED, budget, storage, container=str(container), schedule="affinity")
+                run(f"{PLANNED}, fifo", budget, storage, container=str(container), schedule="fifo")
             for tiers, policy in sweep:
                 run(f"zipmoe {tiers} {policy}", budget, storage, container=str(container), tiers=tiers, policy=policy)
     run("zipmoe, router", min(budgets), storages[0], container=str(container), routing=ROUTER)

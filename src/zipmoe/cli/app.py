@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from zipmoe import __version__
-from zipmoe.cli import bench, demo, evaluate, inspect, pack, run, unpack, verify
+from zipmoe.cli import bench, demo, evaluate, inspect, pack, plan, run, unpack, verify
 from zipmoe.cli._output import stderr, styled
 from zipmoe.errors import ZipmoeError
 
@@ -38,7 +38,7 @@ def _root(
     """Pack Mixture-of-Experts checkpoints into verified, memory-mappable containers."""
 
 
-for module in (pack, verify, inspect, unpack, run, demo):
+for module in (pack, verify, inspect, unpack, plan, run, demo):
     app.command(module.NAME, epilog=module.EPILOG)(module.command)
 app.add_typer(bench.app, name="bench")
 app.add_typer(evaluate.app, name="eval")

@@ -198,6 +198,10 @@ def run(
             help="Extra zipmoe configurations, TIERS:POLICY separated by semicolons (e.g. 'decoded=1:lru;sm=1:lfu').",
         ),
     ] = None,
+    plan: Annotated[
+        Optional[str],
+        typer.Option("--plan", help="auto: add zipmoe-planned rows (a plan fitted on the trace's first half)."),
+    ] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length (the prefill).")] = 32,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per configuration.")] = 32,
     threads: ThreadsOpt = None,
@@ -225,7 +229,8 @@ def run(
         sweep_list.append((tiers, policy))
     rows = run_serving_bench(
         source, containers["zipmoe"], containers["uncompressed"], budgets=budget_list, storages=storage_list,
-        routing=routing, sweep=tuple(sweep_list), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        routing=routing, sweep=tuple(sweep_list), plan=_plan_flag(plan), prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
         threads=threads or available_cpus(), device=device,
         on_row=None if quiet else (lambda s: stderr.print(f"running {s}")),
     )  # fmt: skip
@@ -268,6 +273,12 @@ def run(
     warnings = {res["storage_warning"] for res in (r.result for r in rows) if res.get("storage_warning")}
     for warning in sorted(warnings):
         warn(warning)
+
+
+def _plan_flag(plan: str | None) -> bool:
+    if plan not in (None, "auto"):
+        raise ZipmoeError(f"--plan {plan!r}: the benchmark plans for itself; use --plan auto")
+    return plan == "auto"
 
 
 def _serving_containers(source: Path, quiet: bool) -> dict[str, Path]:

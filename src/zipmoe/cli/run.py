@@ -76,6 +76,22 @@ def command(
             "--simulate-storage", help="Simulate storage of this bandwidth in GB/s (e.g. 3.5 NVMe, 1.25 phone flash)."
         ),
     ] = None,
+    plan: Annotated[
+        Optional[str],
+        typer.Option(
+            "--plan",
+            help="A plan from zipmoe plan for this container (sets the tiers, pins and prefetches the planned "
+            "experts), or auto (plan now from the architecture's synthetic routing).",
+        ),
+    ] = None,
+    schedule: Annotated[
+        Optional[str],
+        typer.Option(
+            "--schedule",
+            help="Order of a layer's fetches: affinity (reads and decodes interleaved, ZipMoE's; the default with "
+            "--plan) or fifo (expert order; the default otherwise).",
+        ),
+    ] = None,
     record_routing: Annotated[
         Optional[Path],
         typer.Option(
@@ -139,6 +155,7 @@ def command(
     options = EngineOptions(
         device=device, dtype=dtype, memory_budget=memory_budget, tiers=tiers, policy=policy, threads=threads, io=io,
         simulate_storage_gbps=simulate_storage, mode=mode, critical_threshold=critical_threshold, warmup=warmup,
+        plan=plan, schedule=schedule,
     )  # fmt: skip
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos, truncate=truncate)
     prepare_codecs(quiet=json_output)

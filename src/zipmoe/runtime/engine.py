@@ -15,18 +15,20 @@ from zipmoe._json import load_json
 from zipmoe._threads import Workers, available_cpus
 from zipmoe.errors import FormatError, ZipmoeError
 from zipmoe.formats.reader import Container
+from zipmoe.planning.planner import LoadedPlan, PlanError, read_plan
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.config import ModelArgs, read_token_ids
 from zipmoe.runtime.generate import GenerationResult, PromptError, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
-from zipmoe.runtime.pipeline import BudgetError, ExpertPipeline
-from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, SlicePolicy
+from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline
+from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, PlannedLFU, SlicePolicy
 from zipmoe.runtime.representations import COMPRESSED, DECODED, LSB, MSB, SM, LosslessExperts, SliceExperts
 from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
 from zipmoe.runtime.storage import IO_MODES, Storage
 from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
 from zipmoe.runtime.weights import base_transform, check_tensors, to_tensor
+from zipmoe.summary import manifest_sha256
 
 # Default shares of the tier bytes (the budget less the in-flight reservation) and policy, chosen with
 # `zipmoe bench run --sweep` (docs/BENCHMARKS.md, docs/RUNTIME.md): on CPUs every hit of a compact tier costs a
@@ -201,6 +203,11 @@ class EngineOptions:
             `resolve_mode`.
         critical_threshold: dbsc: the raw router probability that makes a selected expert critical.
         warmup: slice modes: ``pcw``, ``last-layer``, ``random`` or ``empty`` (`zipmoe.runtime.policies.SlicePolicy`).
+        plan: lossless mode: a plan file from ``zipmoe plan`` for this container, or ``auto`` (plan now from the
+            architecture's synthetic routing and this machine's measured costs); sets the tiers, pins and prefetches
+            the planned experts, and manages the rest with LFU (`zipmoe.planning`).
+        schedule: the order a layer's fetches are issued in, ``fifo`` or ``affinity`` (`zipmoe.runtime.pipeline`);
+            None: ``affinity`` with a plan, else ``fifo``.
     """
 
     device: str = "auto"
@@ -214,6 +221,8 @@ class EngineOptions:
     mode: str = "lossless"
     critical_threshold: float = DEFAULT_THRESHOLD
     warmup: str = "pcw"
+    plan: str | os.PathLike[str] | None = None
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         gbps = self.simulate_storage_gbps
@@ -232,6 +241,8 @@ class EngineOptions:
             raise BudgetError(f"unknown --io {self.io!r} (choose {', '.join(IO_MODES)})")
         if self.tiers is not None:
             parse_tiers(self.tiers)
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise BudgetError(f"unknown schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
 
 
 class Engine:
@@ -267,7 +278,8 @@ class Engine:
             )
         self.expert_bf16_bytes = self.source.source_nbytes * len(self.container.experts)
         self.reservation = self.source.reservation(self.args.top_k)
-        self.budget = self._budget(options.memory_budget)
+        loaded = self._read_plan() if options.plan is not None and str(options.plan) != "auto" else None
+        self.budget = self._budget(options.memory_budget if loaded is None else self._plan_budget(loaded))
         if self.budget < self.reservation:
             raise BudgetError(
                 f"memory budget {self.budget / 1e6:.1f} MB is below the minimum of {self.reservation / 1e6:.1f} MB "
@@ -277,11 +289,56 @@ class Engine:
         if isinstance(self.source, LosslessExperts):
             self.source.pool.limit = self.reservation  # free buffers stay within what fetches in flight may hold
         self.pipeline = ExpertPipeline(
-            self.source, self.tiers, self.storage, self.reservation, critical_threshold=options.critical_threshold
-        )
+            self.source, self.tiers, self.storage, self.reservation, critical_threshold=options.critical_threshold,
+            schedule=options.schedule or ("affinity" if options.plan is not None else "fifo"),
+        )  # fmt: skip
         self.dense = self._load_dense()
         self.model = Transformer(self.args, self.dense, self.pipeline)
         self._tokenizer: TextTokenizer | None = None
+        self.plan: LoadedPlan | None = None
+        if options.plan is not None:
+            self.use_plan(loaded if loaded is not None else self._auto_plan())
+
+    # -- plans --------------------------------------------------------------------------------------------------------
+
+    def _read_plan(self) -> LoadedPlan:
+        if self.slice_mode != "lossless":
+            raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
+        return read_plan(self.options.plan, manifest_sha256(self.container))
+
+    def _plan_budget(self, plan: LoadedPlan) -> int:
+        requested = self.options.memory_budget
+        if requested is not None:
+            budget = (
+                requested if isinstance(requested, int) else parse_size(requested, percent_of=self.expert_bf16_bytes)
+            )
+            if budget != plan.budget_bytes:
+                raise PlanError(
+                    f"{self.options.plan}: planned for a budget of {plan.budget_bytes} bytes, not {budget}; "
+                    "leave out --memory-budget or plan again"
+                )
+        return plan.budget_bytes
+
+    def _auto_plan(self) -> LoadedPlan:
+        """Plan now (`--plan auto`): the architecture's synthetic routing, this machine's measured costs."""
+        from zipmoe.planning.build import plan_engine
+
+        if self.slice_mode != "lossless":
+            raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
+        return plan_engine(self).loaded()
+
+    def use_plan(self, plan: LoadedPlan) -> None:
+        """Serve with ``plan``: its tier shares, its pinned experts read now and never evicted, LFU for the rest."""
+        capacity = self.budget - self.reservation
+        if plan.tiers.get(SM) and not self.source.split:
+            raise PlanError("the plan holds sign-mantissa planes; this container stores its experts whole")
+        pools = {kind: (int(capacity * plan.tiers.get(kind, 0.0)), (kind,)) for kind in (DECODED, COMPRESSED, SM)}
+        self.tiers = Tiers(pools, PlannedLFU(plan.pinned))
+        self.pipeline.tiers = self.tiers
+        if plan.decodes_per_read:
+            self.pipeline.decodes_per_read = plan.decodes_per_read
+        self.pipeline.prefetch(plan.pinned)
+        self.plan = plan
 
     def record_routing(self) -> RoutingRecorder:
         """Record every MoE layer's choices from now on (`zipmoe run --record-routing`)."""

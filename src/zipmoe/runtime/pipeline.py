@@ -33,6 +33,7 @@ from zipmoe.runtime.storage import Storage
 from zipmoe.runtime.tiers import Tiers
 
 MAX_CRITICAL = 2  # dbsc: at most this many critical experts per token (the two highest-probability slots)
+SCHEDULES = ("fifo", "affinity")
 
 
 class BudgetError(ZipmoeError, ValueError):
@@ -58,6 +59,7 @@ class PipelineStats:
     tokens: int = 0  # slice modes: token-layer routings
     critical_tokens: int = 0  # of which had a critical expert (dbsc)
     decode_misses: list[int] = field(default_factory=list)  # reads from storage in each decode step
+    prefetched_bytes: int = 0  # read at start for the experts a plan pins
 
     @property
     def total_requests(self) -> int:
@@ -96,6 +98,7 @@ class PipelineStats:
             "computed": dict(self.computed),
             "critical_fraction": self.critical_tokens / self.tokens if self.tokens else 0.0,
             "decode_misses": list(self.decode_misses),
+            "prefetched_bytes": self.prefetched_bytes,
             "phases": {
                 phase: {"requests": self.requests[phase], "storage_reads": self.storage_reads[phase],
                         "miss_rate": self.storage_reads[phase] / self.requests[phase] if self.requests[phase] else 0.0,
@@ -126,6 +129,9 @@ class ExpertPipeline:
         reservation: bytes for fetches in flight (part of the budget, apart from the tiers).
         critical_threshold: slice ``dbsc`` mode: a selected expert whose raw router probability is at least this is
             critical (computed at high precision), at most `MAX_CRITICAL` per token.
+        schedule: the order a layer's fetches are issued in: ``fifo`` (expert order), or ``affinity`` (ZipMoE's
+            cache-affinity scheduling, `affinity_order`).
+        decodes_per_read: ``affinity``: how many decode-only fetches fit in the time of one storage read.
     """
 
     def __init__(
@@ -136,7 +142,13 @@ class ExpertPipeline:
         reservation: int,
         *,
         critical_threshold: float = 0.0,
+        schedule: str = "fifo",
+        decodes_per_read: float = 1.0,
     ) -> None:
+        if schedule not in SCHEDULES:
+            raise BudgetError(f"unknown schedule {schedule!r} (choose {', '.join(SCHEDULES)})")
+        self.schedule = schedule
+        self.decodes_per_read = decodes_per_read
         self.source = source
         self.tiers = tiers
         self.storage = storage
@@ -223,6 +235,8 @@ class ExpertPipeline:
 
     def _fetch_and_compute(self, layer: int, pending: list[_Job], x, top_weight, outputs) -> None:
         stats = self.stats
+        if self.schedule == "affinity":
+            pending = affinity_order(pending, self.decodes_per_read)
         queue = deque(pending)
         inflight: deque[tuple[_Job, Future]] = deque()
         reserved = 0
@@ -311,6 +325,20 @@ class ExpertPipeline:
             self.stats.bytes_read[PREFILL] += fetch.bytes_read
         self.phase = phase
 
+    def prefetch(self, pinned: dict[str, frozenset[tuple[int, int]]]) -> None:
+        """Read the experts a plan pins and keep each in its tier (before the first token)."""
+        for kind in self.tiers.kinds:
+            for key in sorted(pinned.get(kind, ())):
+                if self.tiers.holds(kind, key):
+                    continue
+                fetch = self.source.fetch(key, {}, (kind,), self._decoder.submit)
+                new = fetch.finish() if fetch.finish else {}
+                value, nbytes = new[kind]
+                kept = {kind} if self.tiers.admit(kind, key, value, nbytes) else set()
+                self.source.recycle(fetch, kept)
+                self.stats.prefetched_bytes += fetch.bytes_read
+        self._note_peak(0)
+
     @property
     def bytes_in_use(self) -> int:
         return self.tiers.used
@@ -319,3 +347,26 @@ class ExpertPipeline:
         self._io.shutdown(wait=True)
         self._decoder.shutdown(wait=True)
         self.storage.close()
+
+
+def affinity_order(jobs: list[_Job], decodes_per_read: float) -> list[_Job]:
+    """ZipMoE's cache-affinity order for a layer's fetches, so that storage and the decode workers are both busy.
+
+    Type I fetches read a record from storage and decode it; Type II fetches decode a form already held (a whole
+    record, or planes plus a small exponent read). Each type is ordered by the tokens waiting on it (most first; the
+    expert order among equals), and they are interleaved: one Type I, then as many Type II as decode in the time of
+    its read (`decodes_per_read`, at least one), and so on. The results are still summed in expert order.
+    """
+    compact = ("compressed", "sm")
+    type1 = [j for j in jobs if not any(kind in j.held for kind in compact)]
+    type2 = [j for j in jobs if any(kind in j.held for kind in compact)]
+    type1.sort(key=lambda j: -len(j.tokens))
+    type2.sort(key=lambda j: -len(j.tokens))
+    step = max(1, round(decodes_per_read))
+    ordered: list[_Job] = []
+    while type1 or type2:
+        if type1:
+            ordered.append(type1.pop(0))
+        ordered.extend(type2[:step])
+        del type2[:step]
+    return ordered

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from zipmoe.runtime.tiers import Key, Pool, Tiers
 
@@ -68,6 +69,30 @@ class LFU:
         if phase == PREFILL:
             self.counts.clear()
         return []
+
+
+class PlannedLFU(LFU):
+    """Token-weighted LFU around the experts a plan pins (`zipmoe.planning`): pinned experts are never evicted, and
+    the rest of each tier is managed as `LFU` manages it."""
+
+    name = "planned"
+
+    def __init__(self, pinned: Mapping[str, frozenset[Key]]) -> None:
+        super().__init__()
+        self.pinned = pinned
+
+    def _coldest(self, pool: Pool) -> tuple[str, Key] | None:  # type: ignore[override]
+        free = [(kind, key) for kind, key in pool.entries() if key not in self.pinned.get(kind, ())]
+        return min(free, key=lambda entry: self.counts.get(entry[1], 0)) if free else None
+
+    def admits(self, tiers: Tiers, pool: Pool, kind: str, key: Key, nbytes: int) -> bool:
+        if key in self.pinned.get(kind, ()) or pool.used + nbytes <= pool.capacity:
+            return True
+        victim = self._coldest(pool)
+        return victim is not None and self.counts.get(victim[1], 0) < self.counts.get(key, 0)
+
+    def victim(self, tiers: Tiers, pool: Pool) -> tuple[str, Key]:
+        return self._coldest(pool) or next(pool.entries())
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}

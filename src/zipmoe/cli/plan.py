@@ -1,0 +1,79 @@
+"""``zipmoe plan``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
+from zipmoe.cli._output import percent, prepare_codecs, print_json, stderr, stdout, table
+from zipmoe.errors import ZipmoeError
+
+NAME = "plan"
+EPILOG = """Examples:
+
+  zipmoe plan qwen-moe.zmoe -m 25% -o plan.json                        # the architecture's synthetic routing
+
+  zipmoe plan qwen-moe.zmoe -m 8GiB --routing trace.jsonl -o plan.json  # recorded with zipmoe run --record-routing
+
+  zipmoe run qwen-moe.zmoe "Hello" --plan plan.json
+"""
+
+
+def command(
+    container: ContainerArg,
+    memory_budget: Annotated[
+        str, typer.Option("--memory-budget", "-m", help="Memory for experts: 2GiB, 500MB, or 50% of the BF16 experts.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan (JSON).")],
+    routing: Annotated[
+        Optional[str],
+        typer.Option(
+            "--routing",
+            help="A routing trace (zipmoe run --record-routing), or synthetic:qwen / synthetic:deepseek "
+            "(default: the architecture's synthetic routing).",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
+    io: Annotated[str, typer.Option("--io", help="buffered or direct (as zipmoe run will read).")] = "buffered",
+    simulate_storage: Annotated[
+        Optional[float], typer.Option("--simulate-storage", help="Plan for storage of this bandwidth, GB/s.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Choose how the expert memory is split between decoded experts and compact forms, and which experts each tier
+    holds, from a model of which experts tokens use and this machine's measured costs."""
+    from zipmoe.planning.build import plan_engine
+    from zipmoe.runtime.engine import Engine, EngineOptions
+
+    if not Path(container).is_file():
+        raise ZipmoeError(f"{container}: no such file")
+    options = EngineOptions(
+        device=device, dtype=dtype, memory_budget=memory_budget, threads=threads, io=io,
+        simulate_storage_gbps=simulate_storage,
+    )  # fmt: skip
+    prepare_codecs(quiet=json_output)
+    with Engine(container, options) as engine:
+        plan = plan_engine(engine, routing)
+    plan.write(output)
+    if json_output:
+        print_json(plan.to_json())
+        return
+    t = table("decoded share", "decoded", plan.compact, "hit decoded", f"hit {plan.compact}", "miss", "predicted TPOT",
+              title=f"zipmoe plan: {container}, budget {memory_budget}, routing {plan.routing}")  # fmt: skip
+    for c in plan.candidates:
+        mark = " <" if c.decoded_share == plan.decoded_share else ""
+        t.add_row(f"{c.decoded_share:.2f}{mark}", str(c.n_decoded), str(c.n_compact), percent(c.hit_decoded),
+                  percent(c.hit_compact), percent(c.miss), f"{c.tpot_seconds * 1000:.1f} ms")  # fmt: skip
+    stdout.print(t)
+    costs = plan.costs
+    stderr.print(
+        f"measured: reads {costs.read_bytes_per_second / 1e9:.2f} GB/s, decode {costs.decode_seconds * 1000:.1f} ms, "
+        f"compute {costs.compute_seconds * 1000:.2f} ms per expert, dense {costs.dense_seconds * 1000:.1f} ms per token"
+    )
+    stdout.print(f"plan: {output} (decoded share {plan.decoded_share:.2f}, {len(plan.pinned['decoded'])} experts pinned "
+                 f"decoded, {len(plan.pinned[plan.compact])} as {plan.compact})")  # fmt: skip

@@ -1,0 +1,54 @@
+"""Planning for an open engine: measure its costs, fit the activation model to a routing trace, choose the split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zipmoe.planning.activation import fit_weights
+from zipmoe.planning.calibration import calibrate
+from zipmoe.planning.planner import Plan, plan_tiers
+from zipmoe.runtime.routing import RoutingTrace, parse_routing
+from zipmoe.summary import manifest_sha256
+
+AUTO_ROUTING = {"deepseek_v2": "synthetic:deepseek", "deepseek_v3": "synthetic:deepseek"}  # else synthetic:qwen
+FIT_REQUESTS = 64  # requests of a synthetic trace the model is fitted on
+FIT_TOKENS = 64
+
+
+def auto_routing(model_type: str | None) -> str:
+    """The synthetic routing an architecture is planned with when no trace is given."""
+    return AUTO_ROUTING.get(model_type or "", "synthetic:qwen")
+
+
+def activation_counts(trace: RoutingTrace, requests: slice | None = None) -> tuple[np.ndarray, int]:
+    """Tokens routed to each expert of each sparse layer ([L, E]) over the trace's ``requests``, and the tokens."""
+    chosen = trace.requests[requests] if requests is not None else trace.requests
+    tokens = np.concatenate(chosen)  # [T, L, k]
+    counts = np.zeros((trace.num_layers, trace.num_experts))
+    for layer in range(trace.num_layers):
+        np.add.at(counts[layer], tokens[:, layer].ravel(), 1)
+    return counts, len(tokens)
+
+
+def plan_engine(engine, routing: str | RoutingTrace | None = None, *, requests: slice | None = None) -> Plan:
+    """A plan for ``engine``'s container, budget and settings.
+
+    Args:
+        engine: an open `Engine` (lossless mode).
+        routing: a trace, a spec (``synthetic:NAME`` or a path), or None for the architecture's synthetic default.
+        requests: fit on these requests of the trace only (the benchmark fits on one half and measures the other).
+    """
+    args = engine.args
+    moe_layers = [layer for layer in range(args.n_layers) if args.sparse_layers[layer]]
+    spec = routing if isinstance(routing, str) else auto_routing(args.family) if routing is None else "trace"
+    trace = routing if isinstance(routing, RoutingTrace) else parse_routing(
+        spec, num_layers=len(moe_layers), num_experts=args.n_experts, top_k=args.top_k, requests=FIT_REQUESTS,
+        tokens_per_request=FIT_TOKENS,
+    )  # fmt: skip
+    trace = trace.for_model(len(moe_layers), args.n_experts, args.top_k)
+    counts, tokens = activation_counts(trace, requests)
+    fit = fit_weights(counts / tokens, args.top_k)
+    return plan_tiers(
+        fit, moe_layers, args.top_k, calibrate(engine), engine.budget - engine.reservation,
+        container_sha256=manifest_sha256(engine.container), budget_bytes=engine.budget, routing=spec,
+    )  # fmt: skip

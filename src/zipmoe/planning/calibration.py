@@ -1,0 +1,139 @@
+"""Measured costs for the planner: read speed, decode and compute time of one expert, the dense part of a token.
+
+The ZipMoE reference plans with fixed delay constants; zipmoe measures them on the machine that will serve, with the
+engine's own device, dtype, threads and storage settings (a few seconds), and caches the result per container and
+settings under ``~/.cache/zipmoe/calibration/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from zipmoe.planning.planner import Costs
+from zipmoe.runtime.model import expert_output
+from zipmoe.runtime.representations import COMPRESSED, DECODED, LosslessExperts
+from zipmoe.summary import manifest_sha256
+
+SAMPLES = 4  # experts read, decoded and computed per measurement
+
+
+def _cache_path(engine) -> Path:
+    options = engine.options
+    key = "-".join(
+        str(part)
+        for part in (
+            manifest_sha256(engine.container)[:16],
+            engine.device.type,
+            str(engine.dtype).split(".")[-1],
+            engine.threads,
+            options.io,
+            options.simulate_storage_gbps,
+        )  # fmt: skip
+    )
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe" / "calibration"
+    return root / f"{key}.json"
+
+
+def calibrate(engine, *, use_cache: bool = True) -> Costs:
+    """Measure what one expert costs when ``engine`` serves it (see the module docstring)."""
+    path = _cache_path(engine)
+    if use_cache and path.is_file():
+        try:
+            return Costs(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            pass  # measured again below
+    costs = _measure(engine)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(costs)), encoding="utf-8")
+    except OSError:
+        pass  # a cache that cannot be written is not an error
+    return costs
+
+
+def _measure(engine) -> Costs:
+    source: LosslessExperts = engine.source
+    layouts = list(source.layouts.values())
+    step = max(1, len(layouts) // SAMPLES)
+    samples = [(layout.layer, layout.expert) for layout in layouts[::step][:SAMPLES]]
+    gbps = engine.options.simulate_storage_gbps
+    # reads, as the engine's storage does them (a simulated device has its speed by definition)
+    started, nbytes = time.perf_counter(), 0
+    for key in samples:
+        layout = source.layouts[key]
+        source.storage.read(layout.offset, layout.nbytes)
+        nbytes += layout.nbytes
+    read_rate = gbps * 1e9 if gbps else nbytes / max(time.perf_counter() - started, 1e-9)
+    # decode: of records already in memory, so that only decoding is timed
+    records = {}
+    for key in samples:
+        fetch = source.fetch(key, {}, (DECODED,), _now)
+        records[key] = fetch.finish()
+    for _ in range(2):  # the first round warms the kernels up
+        started = time.perf_counter()
+        weights = []
+        for key in samples:
+            fetch = source.fetch(key, {COMPRESSED: records[key][COMPRESSED][0]}, (DECODED,), _now)
+            weights.append(fetch.finish()[DECODED][0])
+        decode = (time.perf_counter() - started) / len(samples)
+    # compute: one token through an expert, and through the model without its routed experts
+    x = torch.randn(1, engine.args.hidden_size, device=engine.device, dtype=engine.dtype)
+    one = torch.zeros(1, dtype=torch.long, device=engine.device)
+    weight = torch.ones(1, 1, device=engine.device, dtype=engine.dtype)
+    expert_output(x, weights[0], one, one, weight)
+    started = time.perf_counter()
+    for w in weights * 4:
+        expert_output(x, w, one, one, weight)
+    compute = (time.perf_counter() - started) / (4 * len(weights))
+    dense = _dense_seconds(engine)
+    return Costs(
+        read_bytes_per_second=read_rate,
+        decode_seconds=decode,
+        compute_seconds=compute,
+        dense_seconds=dense,
+        record_nbytes=source.record_nbytes,
+        exponent_nbytes=source.sm_read_nbytes,
+        decoded_nbytes=source.decoded_nbytes,
+        sm_nbytes=source.sm_nbytes,
+        compressed_nbytes=source.record_nbytes,
+    )
+
+
+class _NoExperts:
+    """An expert backend that computes nothing: what is left of a forward pass is the dense part."""
+
+    def run(self, layer, x, top_index, top_weight, top_prob=None):
+        return torch.zeros_like(x)
+
+    def on_phase(self, phase):
+        pass
+
+
+def _dense_seconds(engine) -> float:
+    model = engine.model
+    experts, model.experts = model.experts, _NoExperts()
+    try:
+        cache = model.new_cache(16)
+        token = torch.tensor([1], device=engine.device)
+        model.forward(token, 0, cache)
+        started = time.perf_counter()
+        for position in range(1, 9):
+            model.forward(token, position, cache)
+        return (time.perf_counter() - started) / 8
+    finally:
+        model.experts = experts
+
+
+def _now(fn, *args):
+    """Run a decode on the calling thread (calibration times it directly)."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_result(fn(*args))
+    return future
