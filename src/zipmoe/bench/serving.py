@@ -156,6 +156,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
         trace = _trace(config, engine.args)
         if trace is not None:
             engine.replay_routing(trace, measured_request(trace))
+        loaded = _current_rss()  # before a plan prefetches its pinned experts: they count against the budget
         if method.startswith(PLANNED):
             from zipmoe.planning.build import plan_engine
 
@@ -166,7 +167,6 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
             out["predicted_tpot_seconds"] = plan.predicted_tpot_seconds
             out["plan"] = {"decoded_share": plan.decoded_share, "compact": plan.compact,
                            "pinned": {kind: len(keys) for kind, keys in plan.pinned.items()}}  # fmt: skip
-        loaded = _current_rss()
         if config.get("warm"):
             engine.generate_tokens(prompt, sampling)
             engine.pipeline.stats.__init__()  # count the timed generation only
