@@ -138,6 +138,23 @@ def test_bench_run_json(capsys, checkpoints, tmp_path):
     assert zipmoe["tpot_seconds"] > 0 and zipmoe["ttft_seconds"] > 0
 
 
+def test_bench_cache_json(capsys, checkpoints, tmp_path):
+    import shutil
+
+    source = tmp_path / "tiny"
+    shutil.copytree(checkpoints.demo("tiny"), source)
+    code, stdout, err = run_cli(
+        capsys, "bench", "cache", str(source), "--budgets", "90", "--new-tokens", "2", "--threads", "1", "--json",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert [r["method"] for r in rows] == ["fifo", "lru", "lfu", "planned", "planned+affinity"]
+    assert len({tuple(r["tokens"]) for r in rows}) == 1  # every policy computes the same tokens
+    assert all(sum(r["served_rate"].values()) == pytest.approx(1.0) for r in rows)
+    assert rows[3]["predicted_tpot_seconds"] > 0 and rows[0]["predicted_tpot_seconds"] is None
+
+
 @pytest.mark.parametrize("args", [[], ["pack"], ["pack", "--bogus", "x"], ["verify"]])
 def test_usage_errors_are_usage_lines_not_tracebacks(capsys, args):
     code, out, err = run_cli(capsys, *args)

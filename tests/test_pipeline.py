@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from zipmoe.runtime.engine import Engine, EngineOptions, parse_tiers
 from zipmoe.runtime.generate import SamplingOptions
 from zipmoe.runtime.pipeline import BudgetError
-from zipmoe.runtime.policies import LFU, LRU, SlicePolicy
+from zipmoe.runtime.policies import FIFO, LFU, LRU, SlicePolicy
 from zipmoe.runtime.routing import RoutingTrace, synthetic_trace
 from zipmoe.runtime.tiers import Tiers
 
@@ -40,6 +40,13 @@ def test_lru_evicts_the_least_recently_used():
     assert set(tiers.pools["decoded"].held["decoded"]) == {(0, 0), (0, 2), (0, 3)}
 
 
+def test_fifo_evicts_the_first_admitted_whatever_its_use():
+    tiers = Tiers({"decoded": (300, ("decoded",))}, FIFO())
+    for e in (0, 1, 2, 0, 0, 3):  # 0 is used again and again, and still goes first
+        use(tiers, (0, e))
+    assert set(tiers.pools["decoded"].held["decoded"]) == {(0, 1), (0, 2), (0, 3)}
+
+
 def test_lfu_weighs_uses_by_tokens_and_keeps_frequent_experts():
     tiers = Tiers({"decoded": (200, ("decoded",))}, LFU())
     held = tiers.pools["decoded"].held["decoded"]
@@ -63,7 +70,7 @@ def test_lfu_does_not_fall_off_the_lru_cliff():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    policy=st.sampled_from(["lru", "lfu", "slices", "dbsc"]),
+    policy=st.sampled_from(["lru", "lfu", "fifo", "slices", "dbsc"]),
     capacity=st.integers(0, 1000),
     accesses=st.lists(
         st.tuples(
@@ -84,7 +91,7 @@ def test_no_access_sequence_exceeds_a_pool(policy, capacity, accesses):
         tiers = Tiers({"slices": (capacity, ("msb", "lsb"))}, chosen, depends={"lsb": "msb"})
     else:
         chosen_kinds = {"a": "a", "b": "b"}
-        chosen = LRU() if policy == "lru" else LFU()
+        chosen = {"lru": LRU, "lfu": LFU, "fifo": FIFO}[policy]()
         tiers = Tiers({"a": (capacity, ("a",)), "b": (capacity // 2, ("b",))}, chosen)
     for layer, expert, kind, nbytes, tokens, phase_change in accesses:
         if phase_change:

@@ -58,6 +58,21 @@ PRESETS = {
         top_k=4,
         shared_intermediate=5632,
     ),  # fmt: skip
+    # `zipmoe bench run --preset deepseek-v2-lite`: DeepSeek-V2-Lite's routed experts (64 of 2048 x 1408, top-6) and
+    # its 2 shared experts (one of 2 x 1408), 2 MoE layers, in the Qwen2-MoE architecture until zipmoe runs DeepSeek
+    # natively (GQA attention instead of MLA; the experts, which the cache serves, are DeepSeek's): 2.4 GB.
+    "deepseek-v2-lite": Preset(
+        hidden=2048,
+        intermediate=1408,
+        layers=2,
+        experts=64,
+        heads=16,
+        kv_heads=16,
+        max_shard_bytes=1 << 30,
+        family="qwen2_moe",
+        top_k=6,
+        shared_intermediate=2816,
+    ),  # fmt: skip
 }
 
 

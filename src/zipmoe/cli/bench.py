@@ -183,14 +183,22 @@ def run(
             help="Comma-separated storage: a simulated speed in GB/s, or direct (O_DIRECT reads from the disk).",
         ),
     ] = "1.25,direct",
-    routing: Annotated[
+    preset: Annotated[
         str,
         typer.Option(
-            "--routing",
-            help="Which experts each token uses: synthetic:qwen, synthetic:deepseek (calibrated to real routers), "
-            "a trace recorded with zipmoe run --record-routing, or router (the model's own).",
+            "--preset",
+            help="The built-in checkpoint when none is given: qwen-moe-bench (Qwen1.5-MoE experts) or "
+            "deepseek-v2-lite (DeepSeek-V2-Lite experts).",
         ),
-    ] = "synthetic:qwen",
+    ] = "qwen-moe-bench",
+    routing: Annotated[
+        Optional[str],
+        typer.Option(
+            "--routing",
+            help="Which experts each token uses: synthetic:qwen, synthetic:deepseek (calibrated to real routers; "
+            "default: the preset's), a trace recorded with zipmoe run --record-routing, or router (the model's own).",
+        ),
+    ] = None,
     sweep: Annotated[
         Optional[str],
         typer.Option(
@@ -214,7 +222,10 @@ def run(
     from zipmoe._threads import available_cpus
     from zipmoe.bench.serving import DIRECT, run_serving_bench
 
-    source = Path(_resolve_serving(checkpoint))
+    if preset not in SERVING_PRESETS:
+        raise ZipmoeError(f"unknown --preset {preset!r} (choose {', '.join(SERVING_PRESETS)})")
+    source = Path(checkpoint if checkpoint is not None else cached_demo_checkpoint(preset))
+    routing = routing or SERVING_PRESETS[preset]
     containers = _serving_containers(source, quiet)
     try:
         storage_list = tuple(DIRECT if s.strip() == DIRECT else float(s) for s in storages.split(","))
@@ -275,6 +286,68 @@ def run(
         warn(warning)
 
 
+@app.command("cache")
+def cache(
+    checkpoint: Annotated[
+        Optional[str],
+        typer.Argument(help="Checkpoint directory (default: the --preset's built-in one).", show_default=False),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", help="qwen-moe-bench or deepseek-v2-lite, when no checkpoint is given.")
+    ] = "qwen-moe-bench",
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated budgets, % of BF16 expert bytes.")] = (
+        "10,20,30,40,50"
+    ),
+    storage: Annotated[float, typer.Option("--storage", help="Simulated storage speed, GB/s.")] = 1.25,
+    routing: Annotated[
+        Optional[str], typer.Option("--routing", help="A trace, or synthetic:qwen / synthetic:deepseek.")
+    ] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens generated per method.")] = 16,
+    plot_path: Annotated[
+        Optional[Path], typer.Option("--plot", help="Write hit rate and TPOT vs budget (PNG).")
+    ] = None,
+    threads: ThreadsOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """FIFO, LRU, LFU, planned and planned + cache-affinity scheduling on one routing trace: hit rates, bytes read
+    and TPOT at several budgets, in one process."""
+    from zipmoe._threads import available_cpus
+    from zipmoe.bench.cache import plot, run_cache_bench
+
+    if preset not in SERVING_PRESETS:
+        raise ZipmoeError(f"unknown --preset {preset!r} (choose {', '.join(SERVING_PRESETS)})")
+    source = Path(checkpoint if checkpoint is not None else cached_demo_checkpoint(preset))
+    routing = routing or SERVING_PRESETS[preset]
+    try:
+        budget_list = tuple(float(b) for b in budgets.split(","))
+    except ValueError:
+        raise ZipmoeError("--budgets takes numbers separated by commas") from None
+    prepare_codecs(quiet or json_output)
+    rows = run_cache_bench(
+        _serving_containers(source, quiet)["zipmoe"], budgets=budget_list, storage_gbps=storage, routing=routing,
+        new_tokens=new_tokens, threads=threads or available_cpus(), device=device,
+        on_row=None if quiet or json_output else (lambda s: stderr.print(f"running {s}")),
+    )  # fmt: skip
+    title = f"zipmoe bench cache: {source.name}, routing {routing}, {storage:g} GB/s"
+    if plot_path is not None:
+        plot(rows, plot_path, title)
+    if json_output:
+        print_json([r.to_json() for r in rows])
+        return
+    t = table("method", "budget", "served decoded", "served sm", "from storage", "read", "TTFT", "TPOT",
+              "predicted TPOT", title=title)  # fmt: skip
+    for r in rows:
+        res = r.result
+        rate = res["served_rate"]
+        predicted = res["predicted_tpot_seconds"]
+        t.add_row(r.method, f"{r.budget_percent:g}%", percent(rate["decoded"]), percent(rate["sm"] + rate["compressed"]),
+                  percent(rate["storage"]), human_bytes(res["bytes_read"]), f"{res['ttft_seconds'] * 1000:.0f} ms",
+                  f"{res['tpot_seconds'] * 1000:.1f} ms", "-" if predicted is None else f"{predicted * 1000:.1f} ms")  # fmt: skip
+    stdout.print(t)
+
+
 def _plan_flag(plan: str | None) -> bool:
     if plan not in (None, "auto"):
         raise ZipmoeError(f"--plan {plan!r}: the benchmark plans for itself; use --plan auto")
@@ -305,8 +378,7 @@ def _serving_containers(source: Path, quiet: bool) -> dict[str, Path]:
     return containers
 
 
-def _resolve_serving(checkpoint: str | None) -> str:
-    return checkpoint if checkpoint is not None else str(cached_demo_checkpoint("qwen-moe-bench"))
+SERVING_PRESETS = {"qwen-moe-bench": "synthetic:qwen", "deepseek-v2-lite": "synthetic:deepseek"}  # and their routing
 
 
 @app.command("slices")

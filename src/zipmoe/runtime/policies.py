@@ -1,6 +1,6 @@
 """What the expert tiers keep: admission and eviction policies behind one interface (`zipmoe.runtime.tiers.Policy`).
 
-* `LRU`: admit everything, evict the least recently used.
+* `LRU`: admit everything, evict the least recently used. `FIFO`: evict the first admitted (a baseline).
 * `LFU`: token-weighted least frequently used, the ZipMoE reference's policy: an expert's count grows by the number of
   tokens routed to it; the victim is the lowest count (the least recently used among equals); an expert is only
   admitted over a victim with a lower count than its own, so one-off experts do not flush frequent ones, and a
@@ -38,6 +38,30 @@ class LRU:
 
     def victim(self, tiers: Tiers, pool: Pool) -> tuple[str, Key]:
         return next(pool.entries())
+
+    def on_phase(self, tiers: Tiers, phase: str) -> list[tuple[str, Key]]:
+        return []
+
+
+class FIFO:
+    """First in, first out: the victim is the entry admitted longest ago, whatever its use since (a baseline)."""
+
+    name = "fifo"
+
+    def __init__(self) -> None:
+        self.admitted: dict[tuple[str, Key], int] = {}
+        self._clock = 0
+
+    def on_use(self, key: Key, tokens: int, weight: float = 0.0) -> None:
+        pass
+
+    def admits(self, tiers: Tiers, pool: Pool, kind: str, key: Key, nbytes: int) -> bool:
+        self._clock += 1
+        self.admitted[(kind, key)] = self._clock
+        return True
+
+    def victim(self, tiers: Tiers, pool: Pool) -> tuple[str, Key]:
+        return min(pool.entries(), key=lambda entry: self.admitted.get(entry, 0))
 
     def on_phase(self, tiers: Tiers, phase: str) -> list[tuple[str, Key]]:
         return []
@@ -95,7 +119,7 @@ class PlannedLFU(LFU):
         return self._coldest(pool) or next(pool.entries())
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+POLICIES = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
 WARMUPS = ("pcw", "last-layer", "random", "empty")
 
 
