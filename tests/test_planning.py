@@ -87,10 +87,12 @@ def test_a_planned_run_gives_the_tokens_of_an_unplanned_one(tiny_packed, tmp_pat
         budget = e.reservation + 4 * e.source.decoded_nbytes
     plan_path = tmp_path / "plan.json"
     code, out, err = run_cli(capsys, "plan", str(tiny_packed), "-m", str(budget), "-o", str(plan_path), "--device",
-                             "cpu", "--dtype", "float32", "--simulate-storage", "1", "--json")  # fmt: skip
+                             "cpu", "--dtype", "float32", "--simulate-storage", "1", "--json", "--plot",
+                             str(tmp_path / "plan.png"))  # fmt: skip
     assert code == 0, err
     doc = json.loads(out)
     assert doc["container_sha256"] and len(doc["candidates"]) == 21 and plan_path.is_file()
+    assert (tmp_path / "plan.png").stat().st_size > 1000
     for schedule in ("affinity", "fifo"):
         options = EngineOptions(device="cpu", dtype="float32", plan=str(plan_path), schedule=schedule)
         with Engine(tiny_packed, options) as planned:

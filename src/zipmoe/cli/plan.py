@@ -43,6 +43,9 @@ def command(
         Optional[float], typer.Option("--simulate-storage", help="Plan for storage of this bandwidth, GB/s.")
     ] = None,
     threads: ThreadsOpt = None,
+    plot_path: Annotated[
+        Optional[Path], typer.Option("--plot", help="Draw predicted TPOT and hit rates against the split (PNG).")
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Choose how the expert memory is split between decoded experts and compact forms, and which experts each tier
@@ -60,6 +63,8 @@ def command(
     with Engine(container, options) as engine:
         plan = plan_engine(engine, routing)
     plan.write(output)
+    if plot_path is not None:
+        _plot(plan, plot_path, f"zipmoe plan: {Path(container).name}, budget {memory_budget}, routing {plan.routing}")
     if json_output:
         print_json(plan.to_json())
         return
@@ -77,3 +82,32 @@ def command(
     )
     stdout.print(f"plan: {output} (decoded share {plan.decoded_share:.2f}, {len(plan.pinned['decoded'])} experts pinned "
                  f"decoded, {len(plan.pinned[plan.compact])} as {plan.compact})")  # fmt: skip
+
+
+def _plot(plan, path: Path, title: str) -> None:
+    """Predicted TPOT and expected hit rates against the decoded share of the tier bytes, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = [c.decoded_share for c in plan.candidates]
+    fig, (tpot, hits) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=150)
+    tpot.plot(shares, [c.tpot_seconds * 1000 for c in plan.candidates], marker="o")
+    tpot.axvline(plan.decoded_share, color="grey", linestyle="--", label="chosen")
+    tpot.set_xlabel("share of the tier bytes decoded")
+    tpot.set_ylabel("predicted TPOT (ms)")
+    tpot.legend(fontsize=8)
+    for label, values in (("decoded", [c.hit_decoded for c in plan.candidates]),
+                          (plan.compact, [c.hit_compact for c in plan.candidates]),
+                          ("storage", [c.miss for c in plan.candidates])):  # fmt: skip
+        hits.plot(shares, values, marker=".", label=label)
+    hits.set_xlabel("share of the tier bytes decoded")
+    hits.set_ylabel("expected share of expert uses")
+    hits.legend(fontsize=8)
+    for ax in (tpot, hits):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
