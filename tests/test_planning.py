@@ -124,3 +124,51 @@ def test_a_plan_for_another_container_is_refused(tiny_packed, checkpoints, tmp_p
     with Engine(other, EngineOptions(device="cpu")) as e:
         with pytest.raises(PlanError, match="pairs"):
             read_plan(bad, manifest_sha256(e.container))
+
+
+def test_pack_stores_routing_statistics_and_auto_plans_use_them(checkpoints, tmp_path, capsys):
+    source = checkpoints.demo("tiny")
+    trace_path = tmp_path / "trace.jsonl"
+    packed = checkpoints.packed(source)
+    code, _, err = run_cli(capsys, "run", str(packed), "Hello there", "-n", "6", "--device", "cpu",
+                           "--record-routing", str(trace_path))  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "with-routing.zmoe"
+    code, _, err = run_cli(capsys, "pack", str(source), "-o", str(out), "--routing", str(trace_path), "--quiet")
+    assert code == 0, err
+    from zipmoe.formats.reader import Container
+    from zipmoe.planning.build import plan_engine
+    from zipmoe.runtime.routing import RoutingTrace
+
+    trace = RoutingTrace.read(trace_path)
+    with Container(out) as c:
+        stats = c.manifest.routing
+        assert stats.tokens == trace.num_tokens and sum(map(sum, stats.counts)) == trace.num_tokens * 2 * 2
+    with Engine(out, EngineOptions(device="cpu", dtype="float32", memory_budget="80%")) as e:
+        assert plan_engine(e).routing == "embedded"
+    code, _, err = run_cli(capsys, "verify", str(out))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(routing={"num_experts": 4}), "missing field 'top_k'"),
+        (lambda d: d.update(routing={"num_experts": 4, "top_k": 2, "num_layers": 1, "tokens": 3, "counts": [[1, 2]]}),
+         "expected 1 rows of 4 counts"),
+        (lambda d: d.update(routing={"num_experts": 4, "top_k": 2, "num_layers": 1, "tokens": 3,
+                                     "counts": [[1, 2, 9, 0]]}), "counts from 0 to 3"),
+        (lambda d: d.update(routing={"num_experts": 4, "top_k": 9, "num_layers": 1, "tokens": 3,
+                                     "counts": [[1, 2, 0, 0]]}), "out of range"),
+    ],
+)  # fmt: skip
+def test_malformed_routing_statistics_are_refused(checkpoints, tmp_path, mutate, message):
+    from conftest import rewrite_manifest
+    from zipmoe.errors import FormatError
+    from zipmoe.formats.reader import Container
+
+    path = tmp_path / "c.zmoe"
+    path.write_bytes(checkpoints.packed(checkpoints.demo("tiny")).read_bytes())
+    rewrite_manifest(path, mutate)
+    with pytest.raises(FormatError, match=message):
+        Container(path)

@@ -46,6 +46,7 @@ from zipmoe.formats.manifest import (
     EmbeddedFile,
     ExpertRecord,
     Manifest,
+    RoutingStats,
     SafetensorsEntry,
     SliceRecord,
     TensorEntry,
@@ -73,6 +74,7 @@ class PackOptions:
         verify: read every checksum back from the finished file before publishing it.
         force: overwrite an existing output file.
         slices: also store AMAT MSB/LSB slices of every expert (SliceMoE), in this configuration.
+        routing: activation counts of a routing trace to store for cache planning (`zipmoe run --plan auto`).
     """
 
     coder: ExponentCoder | None = field(default_factory=RansCoder)  # None: BF16 stored uncompressed
@@ -81,6 +83,7 @@ class PackOptions:
     verify: bool = True
     force: bool = False
     slices: SliceSpec | None = None
+    routing: RoutingStats | None = None
 
     def __post_init__(self) -> None:
         if self.coder is not None:
@@ -276,6 +279,7 @@ class _Packer:
         self.encodings = [self.bf16.get_config()] + ([self.raw.get_config()] if options.coder else [])
         self.stats = {CLASS_EXPERT: ClassStats(), CLASS_DENSE: ClassStats(), "files": ClassStats()}
         self.spec = options.slices
+        self.routing = options.routing
         if self.spec is not None:
             self.stats[MSB], self.stats[LSB] = ClassStats(), ClassStats()
         self.slice_records: list[SliceRecord] = []
@@ -412,6 +416,7 @@ class _Packer:
             slices=self.spec,
             slice_records=tuple(self.slice_records),
             small_tensors=len(self.small),
+            routing=self.routing,
         )
 
     def _pack_files(self) -> tuple[EmbeddedFile, ...]:

@@ -59,6 +59,14 @@ def command(
             "`zipmoe run --mode dbsc|q8|q4` serves them.",
         ),
     ] = None,
+    routing: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--routing",
+            help="A routing trace (zipmoe run --record-routing) whose activation counts are stored for cache "
+            "planning (zipmoe run --plan auto).",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip reading every checksum back before publishing the file.")
@@ -75,6 +83,7 @@ def command(
         verify=not no_verify,
         force=force,
         slices=parse_slices(slices) if slices is not None else None,
+        routing=_routing_stats(routing) if routing is not None else None,
     )
     prepare_codecs(quiet)
     with progress_bar(f"Packing {source}", quiet) as (start, advance):
@@ -130,3 +139,13 @@ def command(
     )
     stdout.print(t)
     stdout.print(f"{result.n_expert_records} expert records; {result.seconds:.1f} s ({speed:.0f} MB/s); {checked}")
+
+
+def _routing_stats(path: Path):
+    """The activation counts of a routing trace file, as the manifest stores them."""
+    from zipmoe.formats.manifest import RoutingStats
+    from zipmoe.runtime.routing import RoutingTrace
+
+    trace = RoutingTrace.read(path)
+    counts, tokens = trace.counts()
+    return RoutingStats(trace.num_experts, trace.top_k, trace.num_layers, tokens, tuple(map(tuple, counts.tolist())))

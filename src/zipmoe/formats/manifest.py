@@ -202,6 +202,25 @@ class SafetensorsEntry:
         }
 
 
+MAX_ROUTING_EXPERTS = 4096
+MAX_ROUTING_LAYERS = 1024
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """How many tokens of a routing trace each expert of each sparse layer served (``pack --routing``)."""
+
+    num_experts: int
+    top_k: int
+    num_layers: int
+    tokens: int
+    counts: tuple[tuple[int, ...], ...]  # [num_layers][num_experts]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "num_layers": self.num_layers,
+                "tokens": self.tokens, "counts": [list(row) for row in self.counts]}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the container says about itself."""
@@ -219,6 +238,7 @@ class Manifest:
     slices: SliceSpec | None = None  # AMAT slices of every expert (format version 2)
     slice_records: tuple[SliceRecord, ...] = ()
     small_tensors: int = 0  # dense tensors stored in raw runs, not listed in `tensors` (format version 3)
+    routing: RoutingStats | None = None  # activation counts from a routing trace, for cache planning (optional)
 
     @property
     def format_version(self) -> int:
@@ -248,6 +268,8 @@ class Manifest:
             doc["slices"] = {**self.slices.get_config(), "records": [r.to_json() for r in self.slice_records]}
         if self.small_tensors:
             doc["small_tensors"] = self.small_tensors
+        if self.routing is not None:
+            doc["routing"] = self.routing.to_json()
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
     def encoding(self, index: int) -> Encoding:
@@ -424,7 +446,26 @@ class _Parser:
             slices=slices,
             slice_records=slice_records,
             small_tensors=small_tensors,
+            routing=self.routing(doc["routing"]) if "routing" in doc else None,
         )
+
+    def routing(self, doc: Any) -> RoutingStats:
+        """Activation counts: every count an integer from 0 to the token count, one row of E per sparse layer."""
+        where = "routing"
+        experts = self.get(doc, "num_experts", int, where)
+        top_k = self.get(doc, "top_k", int, where)
+        layers = self.get(doc, "num_layers", int, where)
+        tokens = self.get(doc, "tokens", int, where)
+        counts = self.get(doc, "counts", list, where)
+        if not (1 <= top_k <= experts <= MAX_ROUTING_EXPERTS and 1 <= layers <= MAX_ROUTING_LAYERS and tokens >= 1):
+            raise self.fail(where, f"{layers} layers of {experts} experts, top-{top_k}, {tokens} tokens: out of range")
+        if len(counts) != layers or any(
+            not isinstance(row, list) or len(row) != experts
+            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= tokens for c in row)
+            for row in counts
+        ):  # fmt: skip
+            raise self.fail(f"{where}.counts", f"expected {layers} rows of {experts} counts from 0 to {tokens}")
+        return RoutingStats(experts, top_k, layers, tokens, tuple(tuple(row) for row in counts))
 
     def unique_names(self, names: list[str]) -> None:
         """No two output files may share a name (after normalisation), nor may a file be another's directory."""

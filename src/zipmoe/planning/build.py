@@ -7,7 +7,7 @@ import numpy as np
 from zipmoe.planning.activation import fit_weights
 from zipmoe.planning.calibration import calibrate
 from zipmoe.planning.planner import Plan, plan_tiers
-from zipmoe.runtime.routing import RoutingTrace, parse_routing
+from zipmoe.runtime.routing import RoutingError, RoutingTrace, parse_routing
 from zipmoe.summary import manifest_sha256
 
 AUTO_ROUTING = {"deepseek_v2": "synthetic:deepseek", "deepseek_v3": "synthetic:deepseek"}  # else synthetic:qwen
@@ -20,16 +20,6 @@ def auto_routing(model_type: str | None) -> str:
     return AUTO_ROUTING.get(model_type or "", "synthetic:qwen")
 
 
-def activation_counts(trace: RoutingTrace, requests: slice | None = None) -> tuple[np.ndarray, int]:
-    """Tokens routed to each expert of each sparse layer ([L, E]) over the trace's ``requests``, and the tokens."""
-    chosen = trace.requests[requests] if requests is not None else trace.requests
-    tokens = np.concatenate(chosen)  # [T, L, k]
-    counts = np.zeros((trace.num_layers, trace.num_experts))
-    for layer in range(trace.num_layers):
-        np.add.at(counts[layer], tokens[:, layer].ravel(), 1)
-    return counts, len(tokens)
-
-
 def plan_engine(engine, routing: str | RoutingTrace | None = None, *, requests: slice | None = None) -> Plan:
     """A plan for ``engine``'s container, budget and settings.
 
@@ -40,15 +30,29 @@ def plan_engine(engine, routing: str | RoutingTrace | None = None, *, requests: 
     """
     args = engine.args
     moe_layers = [layer for layer in range(args.n_layers) if args.sparse_layers[layer]]
-    spec = routing if isinstance(routing, str) else auto_routing(args.family) if routing is None else "trace"
-    trace = routing if isinstance(routing, RoutingTrace) else parse_routing(
-        spec, num_layers=len(moe_layers), num_experts=args.n_experts, top_k=args.top_k, requests=FIT_REQUESTS,
-        tokens_per_request=FIT_TOKENS,
-    )  # fmt: skip
-    trace = trace.for_model(len(moe_layers), args.n_experts, args.top_k)
-    counts, tokens = activation_counts(trace, requests)
+    embedded = engine.container.manifest.routing
+    if routing is None and embedded is not None:  # statistics stored at pack time (`pack --routing`)
+        spec = "embedded"
+        counts, tokens = _embedded_counts(embedded, len(moe_layers), args.n_experts, args.top_k)
+    else:
+        spec = routing if isinstance(routing, str) else auto_routing(args.family) if routing is None else "trace"
+        trace = routing if isinstance(routing, RoutingTrace) else parse_routing(
+            spec, num_layers=len(moe_layers), num_experts=args.n_experts, top_k=args.top_k, requests=FIT_REQUESTS,
+            tokens_per_request=FIT_TOKENS,
+        )  # fmt: skip
+        counts, tokens = trace.for_model(len(moe_layers), args.n_experts, args.top_k).counts(requests)
     fit = fit_weights(counts / tokens, args.top_k)
     return plan_tiers(
         fit, moe_layers, args.top_k, calibrate(engine), engine.budget - engine.reservation,
         container_sha256=manifest_sha256(engine.container), budget_bytes=engine.budget, routing=spec,
     )  # fmt: skip
+
+
+def _embedded_counts(stats, layers: int, experts: int, top_k: int) -> tuple[np.ndarray, int]:
+    """The counts a container stores, for a model of ``layers`` sparse layers (a trace of more uses its first)."""
+    if stats.num_experts != experts or stats.top_k != top_k or stats.num_layers < layers:
+        raise RoutingError(
+            f"the container's routing statistics are for {stats.num_layers} layers of {stats.num_experts} experts, "
+            f"top-{stats.top_k}; the model has {layers} of {experts}, top-{top_k}"
+        )
+    return np.array(stats.counts[:layers], dtype=np.float64), stats.tokens

@@ -224,6 +224,15 @@ class RoutingTrace:
         """Tokens in all requests together."""
         return sum(r.shape[0] for r in self.requests)
 
+    def counts(self, requests: slice | None = None) -> tuple[np.ndarray, int]:
+        """Tokens routed to each expert of each sparse layer ([L, E], int64) over ``requests``, and the tokens."""
+        chosen = self.requests[requests] if requests is not None else self.requests
+        tokens = np.concatenate(chosen)  # [T, L, k]
+        counts = np.zeros((self.num_layers, self.num_experts), np.int64)
+        for layer in range(self.num_layers):
+            counts[layer] = np.bincount(tokens[:, layer].ravel(), minlength=self.num_experts)
+        return counts, len(tokens)
+
     def header(self) -> dict[str, Any]:
         """The first line of the trace file, as a dict in canonical key order."""
         return {
