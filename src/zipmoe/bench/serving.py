@@ -161,7 +161,7 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
             from zipmoe.planning.build import plan_engine
 
             fitted = None if trace is None else slice(0, max(1, len(trace.requests) // 2))
-            plan = plan_engine(engine, trace, requests=fitted)
+            plan = plan_engine(engine, trace, requests=fitted, decoded_share=config.get("decoded_share"))
             engine.pipeline.schedule = config.get("schedule") or "affinity"
             engine.use_plan(plan.loaded())
             out["predicted_tpot_seconds"] = plan.predicted_tpot_seconds

@@ -42,6 +42,12 @@ def command(
     simulate_storage: Annotated[
         Optional[float], typer.Option("--simulate-storage", help="Plan for storage of this bandwidth, GB/s.")
     ] = None,
+    decoded_share: Annotated[
+        Optional[float],
+        typer.Option(
+            "--decoded-share", min=0.0, max=1.0, help="Use this split of the tier bytes instead of the cheapest."
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     plot_path: Annotated[
         Optional[Path], typer.Option("--plot", help="Draw predicted TPOT and hit rates against the split (PNG).")
@@ -61,7 +67,7 @@ def command(
     )  # fmt: skip
     prepare_codecs(quiet=json_output)
     with Engine(container, options) as engine:
-        plan = plan_engine(engine, routing)
+        plan = plan_engine(engine, routing, decoded_share=decoded_share)
     plan.write(output)
     if plot_path is not None:
         _plot(plan, plot_path, f"zipmoe plan: {Path(container).name}, budget {memory_budget}, routing {plan.routing}")

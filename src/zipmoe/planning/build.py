@@ -20,13 +20,20 @@ def auto_routing(model_type: str | None) -> str:
     return AUTO_ROUTING.get(model_type or "", "synthetic:qwen")
 
 
-def plan_engine(engine, routing: str | RoutingTrace | None = None, *, requests: slice | None = None) -> Plan:
+def plan_engine(
+    engine,
+    routing: str | RoutingTrace | None = None,
+    *,
+    requests: slice | None = None,
+    decoded_share: float | None = None,
+) -> Plan:
     """A plan for ``engine``'s container, budget and settings.
 
     Args:
         engine: an open `Engine` (lossless mode).
         routing: a trace, a spec (``synthetic:NAME`` or a path), or None for the architecture's synthetic default.
         requests: fit on these requests of the trace only (the benchmark fits on one half and measures the other).
+        decoded_share: force this split instead of the cheapest (`plan_tiers`).
     """
     args = engine.args
     moe_layers = [layer for layer in range(args.n_layers) if args.sparse_layers[layer]]
@@ -45,6 +52,7 @@ def plan_engine(engine, routing: str | RoutingTrace | None = None, *, requests: 
     return plan_tiers(
         fit, moe_layers, args.top_k, calibrate(engine), engine.budget - engine.reservation,
         container_sha256=manifest_sha256(engine.container), budget_bytes=engine.budget, routing=spec,
+        decoded_share=decoded_share,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from zipmoe.runtime.representations import COMPRESSED, DECODED, LosslessExperts
 from zipmoe.summary import manifest_sha256
 
 SAMPLES = 4  # experts read, decoded and computed per measurement
+ROUNDS = 3  # of decoding them (after one to warm up)
 
 
 def _cache_path(engine) -> Path:
@@ -75,22 +77,27 @@ def _measure(engine) -> Costs:
     for key in samples:
         fetch = source.fetch(key, {}, (DECODED,), _now)
         records[key] = fetch.finish()
-    for _ in range(2):  # the first round warms the kernels up
-        started = time.perf_counter()
+    times = []
+    for round_ in range(ROUNDS + 1):  # the first round warms the kernels up
         weights = []
         for key in samples:
+            started = time.perf_counter()
             fetch = source.fetch(key, {COMPRESSED: records[key][COMPRESSED][0]}, (DECODED,), _now)
             weights.append(fetch.finish()[DECODED][0])
-        decode = (time.perf_counter() - started) / len(samples)
+            if round_:
+                times.append(time.perf_counter() - started)
+    decode = statistics.median(times)  # the median: a noisy moment on a shared machine moves it little
     # compute: one token through an expert, and through the model without its routed experts
     x = torch.randn(1, engine.args.hidden_size, device=engine.device, dtype=engine.dtype)
     one = torch.zeros(1, dtype=torch.long, device=engine.device)
     weight = torch.ones(1, 1, device=engine.device, dtype=engine.dtype)
     expert_output(x, weights[0], one, one, weight)
-    started = time.perf_counter()
+    times = []
     for w in weights * 4:
+        started = time.perf_counter()
         expert_output(x, w, one, one, weight)
-    compute = (time.perf_counter() - started) / (4 * len(weights))
+        times.append(time.perf_counter() - started)
+    compute = statistics.median(times)
     dense = _dense_seconds(engine)
     return Costs(
         read_bytes_per_second=read_rate,
@@ -122,10 +129,12 @@ def _dense_seconds(engine) -> float:
         cache = model.new_cache(16)
         token = torch.tensor([1], device=engine.device)
         model.forward(token, 0, cache)
-        started = time.perf_counter()
+        times = []
         for position in range(1, 9):
+            started = time.perf_counter()
             model.forward(token, position, cache)
-        return (time.perf_counter() - started) / 8
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
     finally:
         model.experts = experts
 

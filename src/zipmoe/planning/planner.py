@@ -34,7 +34,7 @@ from zipmoe.planning.activation import Fit, split_distribution
 
 PLAN_FORMAT = "zipmoe-plan"
 PLAN_VERSION = 1
-OVERLAP_LOSS = 0.5  # share of the shorter of io and cpu a decode step does not hide (measured: docs/RUNTIME.md)
+OVERLAP_LOSS = 1.0  # share of the shorter of io and cpu a decode step does not hide (measured: docs/RUNTIME.md)
 DEFAULT_STEPS = 20  # candidate splits: 0, 1/20, ..., 1 of the tier bytes decoded
 MAX_PLAN_NBYTES = 64 << 20
 MAX_PINNED = 1 << 20
@@ -222,8 +222,12 @@ def plan_tiers(
     budget_bytes: int,
     routing: str,
     steps: int = DEFAULT_STEPS,
+    decoded_share: float | None = None,
 ) -> Plan:
-    """Choose the split of ``capacity`` tier bytes (see the module docstring); deterministic."""
+    """Choose the split of ``capacity`` tier bytes (see the module docstring); deterministic.
+
+    ``decoded_share`` forces one of the candidate splits (the nearest) instead of the cheapest.
+    """
     compact = "sm" if costs.sm_nbytes > 0 else "compressed"
     compact_nbytes = costs.sm_nbytes if compact == "sm" else costs.compressed_nbytes
     n_layers, n_experts = fit.log_w.shape
@@ -252,7 +256,10 @@ def plan_tiers(
                      (dist.sum(axis=(0, 1)) * counts).sum()]  # fmt: skip
         hits /= n_layers * k
         candidates.append(Candidate(share, n_decoded, n_compact, *map(float, hits), tpot))
-    best = min(range(len(candidates)), key=lambda i: (candidates[i].tpot_seconds, -candidates[i].decoded_share))
+    if decoded_share is None:
+        best = min(range(len(candidates)), key=lambda i: (candidates[i].tpot_seconds, -candidates[i].decoded_share))
+    else:
+        best = min(range(len(candidates)), key=lambda i: abs(candidates[i].decoded_share - decoded_share))
     chosen = candidates[best]
     ranked = [(int(i) // n_experts, int(i) % n_experts) for i in order]
     pinned = {
