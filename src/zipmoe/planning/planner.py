@@ -10,9 +10,11 @@ distribution of (f decoded, s planes, m neither) among a token's k experts, and 
     cpu     = (s + m) * decode + k * compute                     (the same cores decode and compute)
     latency = max(io, cpu) + OVERLAP_LOSS * min(io, cpu)
 
-(the first read cannot overlap anything, and a layer waits for the one before: a pipeline of a handful of experts
-hides only part of the shorter side). The expected TPOT is the dense part's time plus the expected latency of every
-MoE layer. The split with the lowest expected TPOT is the plan.
+The reference takes ``max(io, cpu)``: io and decoding fully overlapped. On the 2-core machine the measured decode
+steps were as long as ``io + cpu`` (the first read overlaps nothing, a layer waits for the one before, and decoding
+slows down while it shares the cores with compute), so `OVERLAP_LOSS` is 1: no overlap is credited. The expected
+TPOT is the dense part's time plus the expected latency of every MoE layer. The split with the lowest expected TPOT
+is the plan.
 
 A plan file names the container's manifest SHA-256; a runtime refuses a plan made for another container.
 """
@@ -34,7 +36,7 @@ from zipmoe.planning.activation import Fit, split_distribution
 
 PLAN_FORMAT = "zipmoe-plan"
 PLAN_VERSION = 1
-OVERLAP_LOSS = 1.0  # share of the shorter of io and cpu a decode step does not hide (measured: docs/RUNTIME.md)
+OVERLAP_LOSS = 1.0  # share of the shorter of io and cpu a decode step does not hide (see the module docstring)
 DEFAULT_STEPS = 20  # candidate splits: 0, 1/20, ..., 1 of the tier bytes decoded
 MAX_PLAN_NBYTES = 64 << 20
 MAX_PINNED = 1 << 20
