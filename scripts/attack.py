@@ -1576,6 +1576,29 @@ def family_flags(g: Golden) -> list[Case]:
         _cmd_case("flags", "eval ppl --text missing", lambda ctx: zm("eval", "ppl", ctx.container(), "--text",
                                                                      ctx.root / "nope.txt")),
     ]  # fmt: skip
+
+    def run_plan(text: bytes) -> Callable[[Ctx], list]:
+        return lambda ctx: zm("run", ctx.container(), "Hello", "-n", "2", "--plan", _touch(ctx.root / "p.json", text))
+
+    plan_ok = b'{"format": "zipmoe-plan", "version": 1, "container_sha256": "%s", "compact": "sm", '
+    cases += [
+        _cmd_case("flags", "run --plan missing file", lambda ctx: zm("run", ctx.container(), "Hello", "--plan",
+                                                                     ctx.root / "nope.json")),
+        _cmd_case("flags", "run --plan binary garbage", run_plan(bytes(range(256)) * 4)),
+        _cmd_case("flags", "run --plan nested 100,000 deep", run_plan(b"[" * 100_000 + b"]" * 100_000)),
+        _cmd_case("flags", "run --plan another container", run_plan(plan_ok % (b"0" * 64) + b'"decoded_share": 1}')),
+        _cmd_case("flags", "run --plan a FIFO", lambda ctx: zm("run", ctx.container(), "Hello", "--plan", ctx.fifo())),
+        _cmd_case("flags", "run --plan auto on a sliced mode", lambda ctx: zm("run", ctx.container("sliced"), "Hello",
+                                                                              "--mode", "q4", "--plan", "auto")),
+        _cmd_case("flags", "pack --routing garbage", lambda ctx: zm("pack", ctx.golden.ckpt, "-o", ctx.root / "out.zmoe",
+                                                                    "-q", "--routing",
+                                                                    _touch(ctx.root / "t.jsonl", b"\xff\xfe{")),
+                  outputs=pack_out),
+        _cmd_case("flags", "pack --routing 10^9 experts", lambda ctx: zm(
+            "pack", ctx.golden.ckpt, "-o", ctx.root / "out.zmoe", "-q", "--routing", _touch(
+                ctx.root / "t.jsonl", b'{"format":"zipmoe-routing","version":1,"num_experts":1000000000,"top_k":2,'
+                b'"num_layers":2}\n')), outputs=pack_out),
+    ]  # fmt: skip
     return cases
 
 

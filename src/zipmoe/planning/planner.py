@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,8 @@ def read_plan(path: str | os.PathLike[str], container_sha256: str) -> LoadedPlan
     """
     where = str(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+            raise PlanError(f"{where}: not a regular file")
         with open(path, "rb") as f:
             data = f.read(MAX_PLAN_NBYTES + 1)
     except OSError as exc:

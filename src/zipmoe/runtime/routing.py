@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -276,6 +277,8 @@ class RoutingTrace:
         """
         name = os.fspath(path)
         try:
+            if not stat.S_ISREG(os.stat(name).st_mode):  # a FIFO or a device would block or never end
+                raise RoutingError(f"cannot read routing trace {name}: not a regular file")
             f = open(name, "rb")
         except OSError as exc:
             raise RoutingError(f"cannot read routing trace {name}: {exc.strerror or exc}") from None
