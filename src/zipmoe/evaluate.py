@@ -140,4 +140,4 @@ def _score(engine: Engine, mode: str, batches: list[list[int]], progress: Callab
         count += len(ids) - 1
         if progress:
             progress(1)
-    return PerplexityResult(mode, count, total / count, time.perf_counter() - started, engine.cache.stats.to_json())
+    return PerplexityResult(mode, count, total / count, time.perf_counter() - started, engine.pipeline.stats.to_json())

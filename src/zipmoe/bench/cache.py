@@ -54,9 +54,8 @@ def run_cache_bench(
     """Every method at every budget (see the module docstring)."""
     import torch
 
-    from zipmoe.bench.serving import _trace, measured_request
+    from zipmoe.bench.serving import _trace, measured_request, use_fitted_plan
     from zipmoe.codecs.parts import warm_up
-    from zipmoe.planning.build import plan_engine
     from zipmoe.runtime.engine import Engine, EngineOptions
     from zipmoe.runtime.generate import SamplingOptions
 
@@ -80,8 +79,7 @@ def run_cache_bench(
                 engine.replay_routing(trace, measured_request(trace))
                 predicted = None
                 if settings.get("plan"):
-                    plan = plan_engine(engine, trace, requests=slice(0, max(1, len(trace.requests) // 2)))
-                    engine.use_plan(plan.loaded())
+                    plan = use_fitted_plan(engine, trace, schedule=settings["schedule"])
                     predicted = plan.predicted_tpot_seconds
                 started = time.perf_counter()
                 result = engine.generate_tokens(prompt, sampling)

@@ -101,6 +101,18 @@ def _trace(config: dict[str, Any], args: Any) -> Any:
     return trace.for_model(sum(args.sparse_layers), args.n_experts, args.top_k)
 
 
+def use_fitted_plan(engine: Any, trace: Any, *, schedule: str, decoded_share: float | None = None) -> Any:
+    """Serve ``engine`` with a plan fitted on the first half of ``trace``'s requests (None: the synthetic default);
+    returns the plan."""
+    from zipmoe.planning.build import plan_engine
+
+    fitted = None if trace is None else slice(0, max(1, len(trace.requests) // 2))
+    plan = plan_engine(engine, trace, requests=fitted, decoded_share=decoded_share)
+    engine.pipeline.schedule = schedule
+    engine.use_plan(plan.loaded())
+    return plan
+
+
 def measured_request(trace: Any) -> int:
     """The request every configuration replays: the first of the second half (a plan is fitted on the first half;
     a trace of one request is both fitted on and measured)."""
@@ -158,12 +170,8 @@ def _child(config: dict[str, Any]) -> dict[str, Any]:
             engine.replay_routing(trace, measured_request(trace))
         loaded = _current_rss()  # before a plan prefetches its pinned experts: they count against the budget
         if method.startswith(PLANNED):
-            from zipmoe.planning.build import plan_engine
-
-            fitted = None if trace is None else slice(0, max(1, len(trace.requests) // 2))
-            plan = plan_engine(engine, trace, requests=fitted, decoded_share=config.get("decoded_share"))
-            engine.pipeline.schedule = config.get("schedule") or "affinity"
-            engine.use_plan(plan.loaded())
+            schedule = config.get("schedule") or "affinity"
+            plan = use_fitted_plan(engine, trace, schedule=schedule, decoded_share=config.get("decoded_share"))
             out["predicted_tpot_seconds"] = plan.predicted_tpot_seconds
             out["plan"] = {"decoded_share": plan.decoded_share, "compact": plan.compact,
                            "pinned": {kind: len(keys) for kind, keys in plan.pinned.items()}}  # fmt: skip

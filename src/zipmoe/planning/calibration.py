@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import time
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -139,10 +140,8 @@ def _dense_seconds(engine) -> float:
         model.experts = experts
 
 
-def _now(fn, *args):
+def _now(fn, *args) -> Future:
     """Run a decode on the calling thread (calibration times it directly)."""
-    from concurrent.futures import Future
-
     future: Future = Future()
     future.set_result(fn(*args))
     return future

@@ -245,6 +245,12 @@ class EngineOptions:
             raise BudgetError(f"unknown schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
 
 
+def _lossless_tiers(capacity: int, shares: Mapping[str, float], policy) -> Tiers:
+    """One pool per lossless form, each ``shares[form]`` of ``capacity`` bytes (a form left out gets none)."""
+    pools = {kind: (int(capacity * shares.get(kind, 0.0)), (kind,)) for kind in (DECODED, COMPRESSED, SM)}
+    return Tiers(pools, policy)
+
+
 class Engine:
     """A container opened for generation. Close it (or use it as a context manager) to release its threads."""
 
@@ -278,7 +284,11 @@ class Engine:
             )
         self.expert_bf16_bytes = self.source.source_nbytes * len(self.container.experts)
         self.reservation = self.source.reservation(self.args.top_k)
-        loaded = self._read_plan() if options.plan is not None and str(options.plan) != "auto" else None
+        if options.plan is not None and self.slice_mode != "lossless":
+            raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
+        loaded = None
+        if options.plan is not None and str(options.plan) != "auto":
+            loaded = read_plan(options.plan, manifest_sha256(self.container))
         self.budget = self._budget(options.memory_budget if loaded is None else self._plan_budget(loaded))
         if self.budget < self.reservation:
             raise BudgetError(
@@ -301,17 +311,10 @@ class Engine:
 
     # -- plans --------------------------------------------------------------------------------------------------------
 
-    def _read_plan(self) -> LoadedPlan:
-        if self.slice_mode != "lossless":
-            raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
-        return read_plan(self.options.plan, manifest_sha256(self.container))
-
     def _plan_budget(self, plan: LoadedPlan) -> int:
         requested = self.options.memory_budget
         if requested is not None:
-            budget = (
-                requested if isinstance(requested, int) else parse_size(requested, percent_of=self.expert_bf16_bytes)
-            )
+            budget = self._budget(requested)
             if budget != plan.budget_bytes:
                 raise PlanError(
                     f"{self.options.plan}: planned for a budget of {plan.budget_bytes} bytes, not {budget}; "
@@ -323,8 +326,6 @@ class Engine:
         """Plan now (`--plan auto`): the architecture's synthetic routing, this machine's measured costs."""
         from zipmoe.planning.build import plan_engine
 
-        if self.slice_mode != "lossless":
-            raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
         return plan_engine(self).loaded()
 
     def use_plan(self, plan: LoadedPlan) -> None:
@@ -332,8 +333,7 @@ class Engine:
         capacity = self.budget - self.reservation
         if plan.tiers.get(SM) and not self.source.split:
             raise PlanError("the plan holds sign-mantissa planes; this container stores its experts whole")
-        pools = {kind: (int(capacity * plan.tiers.get(kind, 0.0)), (kind,)) for kind in (DECODED, COMPRESSED, SM)}
-        self.tiers = Tiers(pools, PlannedLFU(plan.pinned))
+        self.tiers = _lossless_tiers(capacity, plan.tiers, PlannedLFU(plan.pinned))
         self.pipeline.tiers = self.tiers
         if plan.decodes_per_read:
             self.pipeline.decodes_per_read = plan.decodes_per_read
@@ -374,8 +374,7 @@ class Engine:
             if not self.source.split:  # no planes apart: their share goes to whole records
                 shares[COMPRESSED] += shares.pop(SM)
                 shares[SM] = 0.0
-        pools = {kind: (int(capacity * shares[kind]), (kind,)) for kind in (DECODED, COMPRESSED, SM)}
-        return Tiers(pools, POLICIES[options.policy]())
+        return _lossless_tiers(capacity, shares, POLICIES[options.policy]())
 
     def _budget(self, requested: int | str | None) -> int:
         if isinstance(requested, int):
@@ -392,10 +391,6 @@ class Engine:
 
     def cache_minimum(self) -> int:
         return self.reservation
-
-    @property
-    def cache(self) -> ExpertPipeline:
-        return self.pipeline
 
     def _load_dense(self) -> dict[str, torch.Tensor]:
         weights = {}

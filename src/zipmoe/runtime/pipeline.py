@@ -318,25 +318,22 @@ class ExpertPipeline:
                 continue
             if self.tiers.used + self.source.nbytes(kind) > self.tiers.capacity(kind):
                 break
-            fetch = self.source.fetch(key, {}, (kind,), self._decoder.submit)
-            new = fetch.finish() if fetch.finish else {}
-            value, nbytes = new[kind]
-            self.tiers.admit(kind, key, value, nbytes)
-            self.stats.bytes_read[PREFILL] += fetch.bytes_read
+            self.stats.bytes_read[PREFILL] += self._read_into_tier(kind, key)
         self.phase = phase
+
+    def _read_into_tier(self, kind: str, key: tuple[int, int]) -> int:
+        """Read ``key`` from storage and offer its ``kind`` to the tiers, outside any layer; the bytes read."""
+        fetch = self.source.fetch(key, {}, (kind,), self._decoder.submit)
+        value, nbytes = (fetch.finish() if fetch.finish else {})[kind]
+        self.source.recycle(fetch, {kind} if self.tiers.admit(kind, key, value, nbytes) else set())
+        return fetch.bytes_read
 
     def prefetch(self, pinned: dict[str, frozenset[tuple[int, int]]]) -> None:
         """Read the experts a plan pins and keep each in its tier (before the first token)."""
         for kind in self.tiers.kinds:
             for key in sorted(pinned.get(kind, ())):
-                if self.tiers.holds(kind, key):
-                    continue
-                fetch = self.source.fetch(key, {}, (kind,), self._decoder.submit)
-                new = fetch.finish() if fetch.finish else {}
-                value, nbytes = new[kind]
-                kept = {kind} if self.tiers.admit(kind, key, value, nbytes) else set()
-                self.source.recycle(fetch, kept)
-                self.stats.prefetched_bytes += fetch.bytes_read
+                if not self.tiers.holds(kind, key):
+                    self.stats.prefetched_bytes += self._read_into_tier(kind, key)
         self._note_peak(0)
 
     @property
