@@ -316,7 +316,7 @@ class ExpertPipeline:
         for kind, key in wanted:  # until the tiers are full
             if self.tiers.holds(kind, key):
                 continue
-            if self.tiers.used + self.source.nbytes(kind) > self.tiers.capacity(kind):
+            if self.source.nbytes(kind) > self.tiers.free(kind):
                 break
             self.stats.bytes_read[PREFILL] += self._read_into_tier(kind, key)
         self.phase = phase

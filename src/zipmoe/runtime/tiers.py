@@ -84,6 +84,11 @@ class Tiers:
     def capacity(self, kind: str) -> int:
         return self._pool_of[kind].capacity
 
+    def free(self, kind: str) -> int:
+        """Bytes not yet used in the pool that holds ``kind``."""
+        pool = self._pool_of[kind]
+        return pool.capacity - pool.used
+
     def get(self, kind: str, key: Key) -> Any | None:
         """The held ``kind`` of ``key`` (made most recently used), or None."""
         entries = self._pool_of[kind].held[kind]
