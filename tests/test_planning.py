@@ -66,6 +66,25 @@ def test_the_expected_latency_is_the_exact_average_over_splits():
     assert only_decoded.tpot_seconds == pytest.approx(expected, rel=1e-12)
 
 
+def test_the_measured_overlap_moves_a_layer_between_max_and_sum():
+    io, cpu = 3 * COSTS.read_seconds(COSTS.record_nbytes), 3 * COSTS.decode_seconds + 3 * COSTS.compute_seconds
+    for loss, expected in ((0.0, max(io, cpu)), (1.0, io + cpu), (0.25, max(io, cpu) + 0.25 * min(io, cpu))):
+        assert layer_latency(replace(COSTS, overlap_loss=loss), 0, 0, 3, "sm") == pytest.approx(expected)
+
+
+def test_calibration_measures_on_the_engine_and_leaves_it_as_it_was(tiny_packed):
+    from zipmoe.planning.calibration import calibrate
+
+    with Engine(tiny_packed, EngineOptions(device="cpu", dtype="float32", simulate_storage_gbps=1.0)) as e:
+        tiers, stats = e.pipeline.tiers, e.pipeline.stats
+        costs = calibrate(e, use_cache=False)
+        assert e.pipeline.tiers is tiers and e.pipeline.stats is stats and stats.total_requests == 0
+        assert tiers.used == 0
+    assert 0.0 <= costs.overlap_loss <= 1.0
+    assert costs.read_bytes_per_second == 1e9  # a simulated device has its speed by definition
+    assert costs.decode_seconds > 0 and costs.compute_seconds > 0 and costs.dense_seconds > 0
+
+
 def test_affinity_order_interleaves_reads_and_decodes_by_tokens():
     def job(expert, tokens, held=()):
         return _Job(expert, torch.arange(tokens), torch.zeros(tokens), None, ("decoded",), dict.fromkeys(held, 1))
@@ -86,7 +105,7 @@ def test_a_planned_run_gives_the_tokens_of_an_unplanned_one(tiny_packed, tmp_pat
         expected = e.generate_tokens(PROMPT, sampling).tokens
         budget = e.reservation + 4 * e.source.decoded_nbytes
     plan_path = tmp_path / "plan.json"
-    code, out, err = run_cli(capsys, "plan", str(tiny_packed), "-m", str(budget), "-o", str(plan_path), "--device",
+    code, out, err = run_cli(capsys, "plan", str(tiny_packed), "-m", f"{budget}B", "-o", str(plan_path), "--device",
                              "cpu", "--dtype", "float32", "--simulate-storage", "1", "--json", "--plot",
                              str(tmp_path / "plan.png"))  # fmt: skip
     assert code == 0, err

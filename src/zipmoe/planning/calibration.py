@@ -3,7 +3,8 @@
 The ZipMoE reference plans with fixed delay constants; zipmoe measures them on the machine that will serve, with the
 engine's own device, dtype, threads and storage settings (a few seconds), and caches the result per container and
 settings under ``~/.cache/zipmoe/calibration/``. On a real device the read speed is the slower of the bare reads and
-what a whole miss (read, then decode) takes beyond its decode: with O_DIRECT the second was up to a third slower.
+what a whole miss (read, then decode) takes beyond its decode. How much of a layer's reads and decoding overlap is
+measured as well, by timing layers of misses through the engine's own pipeline (`Costs.overlap_loss`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ import os
 import statistics
 import time
 from concurrent.futures import Future
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from zipmoe.planning.planner import Costs
 from zipmoe.runtime.model import expert_output
-from zipmoe.runtime.representations import COMPRESSED, DECODED, LosslessExperts
+from zipmoe.runtime.pipeline import PipelineStats
+from zipmoe.runtime.policies import DECODE, LFU
+from zipmoe.runtime.representations import COMPRESSED, DECODED, SM, LosslessExperts
+from zipmoe.runtime.tiers import Tiers
 from zipmoe.summary import manifest_sha256
 
 SAMPLES = 4  # experts read, decoded and computed per measurement
 ROUNDS = 3  # of decoding them (after one to warm up)
+CALIBRATION_VERSION = "v2"  # part of the cache key: results of another version are measured again
+OVERLAP_ROUNDS = 5  # layers of k misses timed through the pipeline
 
 
 def _cache_path(engine) -> Path:
@@ -32,6 +38,7 @@ def _cache_path(engine) -> Path:
     key = "-".join(
         str(part)
         for part in (
+            CALIBRATION_VERSION,
             manifest_sha256(engine.container)[:16],
             engine.device.type,
             str(engine.dtype).split(".")[-1],
@@ -111,7 +118,7 @@ def _measure(engine) -> Costs:
         times.append(time.perf_counter() - started)
     compute = statistics.median(times)
     dense = _dense_seconds(engine)
-    return Costs(
+    costs = Costs(
         read_bytes_per_second=read_rate,
         decode_seconds=decode,
         compute_seconds=compute,
@@ -122,6 +129,37 @@ def _measure(engine) -> Costs:
         sm_nbytes=source.sm_nbytes,
         compressed_nbytes=source.record_nbytes,
     )
+    return replace(costs, overlap_loss=_overlap_loss(engine, costs))
+
+
+def _overlap_loss(engine, costs: Costs) -> float:
+    """How much of the shorter of a layer's reads and its decoding and compute the pipeline fails to hide.
+
+    Times layers whose k experts all miss, through the engine's own pipeline with nothing held, and places the median
+    between the two bounds of the cost model: ``max(io, cpu)`` (0: fully overlapped) and ``io + cpu`` (1: serial).
+    """
+    args, pipeline = engine.args, engine.pipeline
+    k = args.top_k
+    layer = args.sparse_layers.index(True)
+    x = torch.randn(1, args.hidden_size, device=engine.device, dtype=engine.dtype)
+    weight = torch.full((1, k), 1.0 / k, device=engine.device, dtype=engine.dtype)
+    io = k * costs.read_seconds(costs.record_nbytes)
+    cpu = k * (costs.decode_seconds + costs.compute_seconds)
+    saved = pipeline.tiers, pipeline.stats, pipeline.phase
+    pipeline.tiers = Tiers({kind: (0, (kind,)) for kind in (DECODED, COMPRESSED, SM)}, LFU())
+    pipeline.stats, pipeline.phase = PipelineStats(), DECODE
+    times = []
+    try:
+        for round_ in range(min(OVERLAP_ROUNDS, args.n_experts // k)):
+            experts = torch.arange(round_ * k, (round_ + 1) * k, device=engine.device).reshape(1, k)
+            started = time.perf_counter()
+            pipeline.run(layer, x, experts, weight)
+            times.append(time.perf_counter() - started)
+    finally:
+        pipeline.tiers, pipeline.stats, pipeline.phase = saved
+    if not times or min(io, cpu) <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (statistics.median(times) - max(io, cpu)) / min(io, cpu)))
 
 
 class _NoExperts:

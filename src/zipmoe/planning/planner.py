@@ -8,13 +8,14 @@ distribution of (f decoded, s planes, m neither) among a token's k experts, and 
 
     io      = m * read(record) + s * read(exponents)             (one storage device, requests in a row)
     cpu     = (s + m) * decode + k * compute                     (the same cores decode and compute)
-    latency = max(io, cpu) + OVERLAP_LOSS * min(io, cpu)
+    latency = max(io, cpu) + overlap_loss * min(io, cpu)
 
-The reference takes ``max(io, cpu)``: io and decoding fully overlapped. On the 2-core machine the measured decode
-steps were as long as ``io + cpu`` (the first read overlaps nothing, a layer waits for the one before, and decoding
-slows down while it shares the cores with compute), so `OVERLAP_LOSS` is 1: no overlap is credited. The expected
-TPOT is the dense part's time plus the expected latency of every MoE layer. The split with the lowest expected TPOT
-is the plan.
+The reference takes ``max(io, cpu)``: io and decoding fully overlapped. How much they overlap depends on the machine
+(the first read overlaps nothing, a layer waits for the one before, decoding slows down while it shares the cores
+with compute): on one 2-core machine decode steps took ``io + cpu``, on another about halfway between. So
+``overlap_loss`` is measured too (`Costs.overlap_loss`: layers of misses timed through the engine's pipeline), and
+`OVERLAP_LOSS` (1: no overlap credited) stands in only where it was not. The expected TPOT is the dense part's time
+plus the expected latency of every MoE layer. The split with the lowest expected TPOT is the plan.
 
 A plan file names the container's manifest SHA-256; a runtime refuses a plan made for another container.
 """
@@ -37,7 +38,7 @@ from zipmoe.planning.activation import Fit, split_distribution
 
 PLAN_FORMAT = "zipmoe-plan"
 PLAN_VERSION = 1
-OVERLAP_LOSS = 1.0  # share of the shorter of io and cpu a decode step does not hide (see the module docstring)
+OVERLAP_LOSS = 1.0  # share of the shorter of io and cpu a decode step does not hide, when not measured
 DEFAULT_STEPS = 20  # candidate splits: 0, 1/20, ..., 1 of the tier bytes decoded
 MAX_PLAN_NBYTES = 64 << 20
 MAX_PINNED = 1 << 20
@@ -61,6 +62,7 @@ class Costs:
     decoded_nbytes: int
     sm_nbytes: int  # the planes an `sm` tier holds (0: the container has no split records)
     compressed_nbytes: int  # a whole record in memory
+    overlap_loss: float = OVERLAP_LOSS  # measured by the calibration (0: reads and cpu fully overlapped, 1: serial)
 
     def read_seconds(self, nbytes: int) -> float:
         return nbytes / self.read_bytes_per_second
@@ -213,7 +215,7 @@ def layer_latency(costs: Costs, f: int, s: int, m: int, compact: str) -> float:
     compact_read = costs.exponent_nbytes if compact == "sm" else 0
     io = m * costs.read_seconds(costs.record_nbytes) + s * costs.read_seconds(compact_read)
     cpu = (s + m) * costs.decode_seconds + k * costs.compute_seconds
-    return max(io, cpu) + OVERLAP_LOSS * min(io, cpu)
+    return max(io, cpu) + costs.overlap_loss * min(io, cpu)
 
 
 def plan_tiers(
