@@ -66,6 +66,16 @@ def test_the_expected_latency_is_the_exact_average_over_splits():
     assert only_decoded.tpot_seconds == pytest.approx(expected, rel=1e-12)
 
 
+def test_one_share_over_all_layers_beats_equal_per_layer_splits():
+    # a layer with two hot experts beside a flat one: the global ranking gives the hot layer the decoded bytes
+    hot, flat = np.array([40.0, 30.0] + [1.0] * 14), np.ones(16)
+    fit = fit_weights(np.stack([hot / hot.sum() * 2, flat / flat.sum() * 2]), 2)
+    plan = plan_tiers(fit, [0, 1], 2, COSTS, 40_000_000, container_sha256="s", budget_bytes=1, routing="r")
+    assert plan.pinned["decoded"] == [(0, 0)]  # 90% of two decoded experts, both in the hot layer
+    assert plan.predicted_tpot_seconds < plan.extra["per_layer_tpot_seconds"]
+    assert plan.to_json()["per_layer_tpot_seconds"] == plan.extra["per_layer_tpot_seconds"]
+
+
 def test_the_measured_overlap_moves_a_layer_between_max_and_sum():
     io, cpu = 3 * COSTS.read_seconds(COSTS.record_nbytes), 3 * COSTS.decode_seconds + 3 * COSTS.compute_seconds
     for loss, expected in ((0.0, max(io, cpu)), (1.0, io + cpu), (0.25, max(io, cpu) + 0.25 * min(io, cpu))):
