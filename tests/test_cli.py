@@ -55,7 +55,10 @@ def test_pack_verify_inspect_unpack(capsys, checkpoints, tmp_path):
         (["pack", "{tmp}"], ["no *.safetensors files"]),
         (["pack", "{tiny}", "-o", "{tmp}/missing/x.zmoe"], ["does not exist"]),
         (["pack", "{tiny}", "--coder", "brotli", "-o", "{tmp}/x.zmoe"], ["unknown exponent coder 'brotli'"]),
-        (["pack", "{tiny}", "--chunk-values", "100", "-o", "{tmp}/x.zmoe"], ["chunk_values must be a multiple of 64"]),
+        (
+            ["pack", "{tiny}", "--chunk-values", "100", "-o", "{tmp}/x.zmoe"],
+            ["--chunk-values must be a multiple of 64"],
+        ),
         (["verify", "{tmp}/absent.zmoe"], ["no such file"]),
         (["inspect", "{tiny}/config.json"], ["not a zipmoe container"]),
         (["demo-checkpoint", "{tiny}"], ["is not empty"]),

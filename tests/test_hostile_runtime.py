@@ -264,14 +264,13 @@ def test_a_long_prompt_is_prefilled_in_bounded_chunks(tiny):
     "args, message",
     [
         (["--seed", str(2**70)], "--seed must be in 0..9223372036854775807 (2**63-1), got 1180591620717411303424"),
-        (["--simulate-storage", "1e-300"], "--simulate-storage must be a finite positive bandwidth of at least 0.001"),
-        (["--simulate-storage", "nan"], "--simulate-storage must be a finite positive bandwidth"),
-        (["--simulate-storage", "inf"], "--simulate-storage must be a finite positive bandwidth"),
-        (["--simulate-storage", "0"], "--simulate-storage must be a finite positive bandwidth"),
-        (["--memory-budget", "9" * 400], "size '9999999999999999999999999999999999999...' is too large (at most 2**63"),
+        (["--storage", "1e-300"], "--storage must be a finite positive bandwidth of at least 0.001"),
+        (["--storage", "nan"], "--storage must be a finite positive bandwidth"),
+        (["--storage", "inf"], "--storage must be a finite positive bandwidth"),
+        (["--memory-budget", "9" * 400 + "B"], "size '9999999999999999999999999999999999999...' is too large (at most"),
+        (["--memory-budget", "9" * 400], "--memory-budget 9999999999999999999999999999999999999...: give a unit"),
         (["--memory-budget", "1e400"], "cannot read size '1e400'"),
         (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
-        (["--warmup", "bogus"], "unknown warmup 'bogus' (choose pcw, last-layer, random, empty)"),
         (["--mode", "garbage"], "unknown mode 'garbage' (choose lossless or qN-base; q8, q4 and dbsc need a container"),
         (["--mode", "q4"], "--mode q4: this container holds no AMAT slices (pack it with --slices 8:4)"),
         (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no room for a prompt in the model's context of"),
@@ -316,7 +315,7 @@ def test_top_p_zero_keeps_the_top_token(tiny):
     "args, message",
     [
         (["--mode", "garbage"], "unknown mode 'garbage' (choose lossless or qN-base"),
-        (["--memory-budget", "9" * 400], "is too large (at most 2**63 bytes)"),
+        (["--memory-budget", "9" * 400 + "GB"], "is too large (at most 2**63 bytes)"),
         (["--context", "5000"], "--context 5000 exceeds the model's context of 4096 tokens"),
     ],
 )

@@ -270,7 +270,7 @@ def test_simulated_bandwidth_is_shared_by_threads(file, io):
 
 @pytest.mark.parametrize("gbps", [0, -1, 1e-4, float("nan"), float("inf"), "fast"])
 def test_bad_bandwidth(file, gbps):
-    with pytest.raises(StorageValueError, match="simulate-storage") as info:
+    with pytest.raises(StorageValueError, match="--storage must be") as info:
         Storage(file[0], gbps=gbps)
     assert isinstance(info.value, ValueError) and isinstance(info.value, ZipmoeError)
     assert "\n" not in str(info.value)

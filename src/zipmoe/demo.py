@@ -3,8 +3,9 @@
 `build_demo_checkpoint` writes what ``AutoModelForCausalLM.from_config(...).save_pretrained(dir)`` would: a
 ``config.json``, a ``generation_config.json``, BF16 weights initialised like transformers does (normal, std 0.02;
 norms at one) in ``model.safetensors`` or shards with a ``model.safetensors.index.json``, and a byte-level BPE
-tokenizer (256 byte tokens plus ``<s>``, ``</s>``, ``<pad>``). No network, no transformers needed. Random weights
-compress like freshly initialised ones, not like trained ones; `zipmoe bench codecs` takes any checkpoint.
+tokenizer (256 byte tokens plus ``<s>``, ``</s>``, ``<pad>``). No network, no torch or transformers needed: numpy
+draws the weights. Random weights compress like freshly initialised ones, not like trained ones; `zipmoe bench
+codecs` takes any checkpoint.
 """
 
 from __future__ import annotations
@@ -202,8 +203,7 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
     Raises:
         OutputError: ``out_dir`` is not empty (without ``force``) or cannot be written.
     """
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
 
     if preset not in PRESETS:
         raise OutputError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -215,25 +215,25 @@ def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, f
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.glob("*.safetensors"):
             old.unlink()
-        generator = torch.Generator().manual_seed(seed)
-        tensors = {}
+        rng = np.random.default_rng(seed)
+        tensors = {}  # name -> BF16 bit patterns (numpy has no bfloat16), as torch's .to(torch.bfloat16) rounds
         for name, shape in _shapes(spec).items():
             if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+                tensors[name] = np.full(shape, BF16_ONE, np.uint16)
             elif name.endswith(".bias"):
-                tensors[name] = torch.zeros(shape, dtype=torch.bfloat16)
+                tensors[name] = np.zeros(shape, np.uint16)
             else:
-                tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+                tensors[name] = _to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
         shards = _shard(tensors, spec.max_shard_bytes)
         if len(shards) == 1:
-            save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+            _save_bf16(out_dir / "model.safetensors", shards[0])
         else:
             weight_map = {}
             for k, shard in enumerate(shards, start=1):
                 name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, out_dir / name, metadata={"format": "pt"})
+                _save_bf16(out_dir / name, shard)
                 weight_map.update({t: name for t in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            total = sum(t.nbytes for t in tensors.values())
             _write_json(
                 out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
             )
@@ -266,11 +266,41 @@ _CHAT_TEMPLATE = (
 )
 
 
+BF16_ONE = 0x3F80
+
+
+def _to_bf16(values):
+    """float32 values as BF16 bit patterns (uint16), rounded to nearest even like torch (no NaNs here)."""
+    bits = values.view("<u4")
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+
+
+def _save_bf16(path: Path, tensors: dict) -> None:
+    """A safetensors file of BF16 tensors given as uint16 bit patterns, byte for byte what
+    ``safetensors.torch.save_file(..., metadata={"format": "pt"})`` writes (tensors sorted by name, header padded
+    with spaces to 8 bytes); no torch needed."""
+    import struct
+
+    names = sorted(tensors)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in names:
+            f.write(tensors[name].tobytes())
+
+
 def _shard(tensors: dict, max_bytes: int) -> list[dict]:
     shards: list[dict] = [{}]
     size = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
@@ -284,10 +314,10 @@ def _write_json(path: Path, doc: dict) -> None:
 
 
 def cached_demo_checkpoint(preset: str) -> Path:
-    """The demo checkpoint of ``preset`` under the user cache directory, built on first use."""
-    import os
+    """The demo checkpoint of ``preset`` in zipmoe's cache directory (`zipmoe.store.cache_dir`), built on first use."""
+    from zipmoe.store import cache_dir
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe" / f"demo-{preset}"
+    cache = cache_dir() / f"demo-{preset}"
     if not (cache / "config.json").is_file():
         build_demo_checkpoint(cache, preset, force=True)
     return cache
@@ -314,12 +344,15 @@ def trained_checkpoint() -> Path:
 
 
 def cached_container(source: Path, name: str, **options) -> Path:
-    """``source`` packed with ``options`` into the user cache directory, once (re-packed when the source changes)."""
-    import os
+    """``source`` packed with ``options`` into zipmoe's cache directory, once (re-packed when the source changes).
 
+    (Benchmarks use it for containers packed with fixed options; a model a user serves goes to the model store,
+    `zipmoe.store`, one container per directory.)
+    """
     from zipmoe.pack import PackOptions, pack
+    from zipmoe.store import cache_dir
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe"
+    cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"{name}.zmoe"
     newest = max(f.stat().st_mtime for f in source.iterdir())

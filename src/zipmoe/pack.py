@@ -28,6 +28,8 @@ from zipmoe.codecs.bf16 import entropy_bits
 from zipmoe.codecs.coders import ExponentCoder, RansCoder
 from zipmoe.codecs.parts import (
     DEFAULT_CHUNK_VALUES,
+    MAX_CHUNK,
+    MIN_CHUNK,
     Bf16Split,
     EncodedPart,
     PartView,
@@ -37,7 +39,7 @@ from zipmoe.codecs.parts import (
     encode_part,
     split_part,
 )
-from zipmoe.errors import OutputError, VerificationError
+from zipmoe.errors import OutputError, VerificationError, ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
 from zipmoe.formats.constants import CLASS_DENSE, CLASS_EXPERT, SMALL_TENSOR_NBYTES, SUFFIX
 from zipmoe.formats.experts import ModelLayout, classify
@@ -87,7 +89,22 @@ class PackOptions:
 
     def __post_init__(self) -> None:
         if self.coder is not None:
-            Bf16Split(self.coder, self.chunk_values)  # validates the chunk size before any work
+            check_chunk_values(self.chunk_values)  # before any work
+            Bf16Split(self.coder, self.chunk_values)
+
+
+class PackOptionError(ZipmoeError, ValueError):
+    """A pack option out of its range; the message names it by its command-line flag."""
+
+
+def check_chunk_values(chunk_values: Any) -> int:
+    """``chunk_values`` if it is a valid number of BF16 values per chunk, else `PackOptionError`."""
+    ok = isinstance(chunk_values, int) and not isinstance(chunk_values, bool)
+    if not (ok and MIN_CHUNK <= chunk_values <= MAX_CHUNK and chunk_values % 64 == 0):
+        raise PackOptionError(
+            f"--chunk-values must be a multiple of 64 between {MIN_CHUNK} and {MAX_CHUNK}, got {chunk_values!r}"
+        )
+    return chunk_values
 
 
 @dataclass
@@ -177,8 +194,9 @@ def pack(
         source: checkpoint directory or Hub repo id.
         output: container path (default: `default_output`).
         options: `PackOptions`.
-        progress_start: called once with the total number of source bytes.
-        progress: called with the number of source bytes just packed.
+        progress_start: called once with the total number of source bytes (every byte of the safetensors and
+            embedded files).
+        progress: called with the number of source bytes just packed; the calls add up to that total exactly.
         warn: called with each warning (unknown architecture, odd tensors).
 
     Returns:
@@ -201,9 +219,8 @@ def pack(
     for message in warnings:
         if warn:
             warn(message)
-    total = checkpoint.n_bytes + sum(f.header_nbytes for f in checkpoint.files)
     if progress_start:
-        progress_start(total)
+        progress_start(_source_nbytes(checkpoint))
     with Workers(options.threads) as workers, ContainerWriter(output) as writer:
         packer = _Packer(checkpoint, layout, writer, options, workers, progress or (lambda n: None))
         manifest = packer.run()
@@ -223,6 +240,13 @@ def pack(
         warnings=warnings,
         verified=options.verify,
     )
+
+
+def _source_nbytes(checkpoint: Checkpoint) -> int:
+    """Every byte that pack reads and reports progress for: the safetensors files (headers, tensors and any bytes
+    between them) and the embedded files."""
+    files = sum(f.nbytes for f in checkpoint.files)
+    return files + sum((checkpoint.root / name).stat().st_size for name, _ in checkpoint.aux_files)
 
 
 def _config_warnings(config: dict[str, Any] | None) -> tuple[str, ...]:
@@ -438,7 +462,7 @@ class _Packer:
             start: self._pack_raw_bytes(self._read(file_index, start, end - start), f"gap in {f.name}", digest=True)
             for start, end in runs
         }
-        self.progress(sum(t.nbytes for t in small))
+        self.progress(sum(end - start for start, end in runs))  # the small tensors and the bytes between tensors
         segments: list[tuple[str, Any]] = []
         listed = [(t.start, "tensor", self.index[t.name]) for t in f.tensors if t.name not in self.small]
         positions = sorted(listed + [(s, "gap", s) for s in gaps])

@@ -21,12 +21,12 @@ from zipmoe._threads import Workers, available_cpus
 from zipmoe.codecs.bf16 import entropy_bits, exponent_histogram
 from zipmoe.codecs.coders import ExponentCoder, parse_coder
 from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, PartView, decode_part, decode_parts, encode_parts
+from zipmoe.defaults import BENCH_CHUNK_VALUES as DEFAULT_CHUNKS
+from zipmoe.defaults import BENCH_CODERS as DEFAULT_CODERS
 from zipmoe.errors import CheckpointError, ZipmoeError
 from zipmoe.formats.checkpoint import Checkpoint
 from zipmoe.formats.experts import classify
-
-DEFAULT_CODERS = ("rans", "zstd:3", "lz4", "lz4hc:9")
-DEFAULT_CHUNKS = (1 << 14, 1 << 16, 1 << 18, 1 << 20)
+from zipmoe.pack import check_chunk_values
 
 
 @dataclass
@@ -40,6 +40,11 @@ class Row:
     encode_gbps: dict[int, float] = field(default_factory=dict)  # threads -> GB/s
     decode_gbps: dict[int, float] = field(default_factory=dict)
     note: str = ""
+    label: str = ""  # a short name for tables (default: ``method``); the note explains it below the table
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
 
     @property
     def ratio(self) -> float:
@@ -185,7 +190,8 @@ def _zstd_raw_method(tensors: list[tuple[str, np.ndarray]], level: int) -> _Meth
     for frame, (_, d) in zip(frames, tensors):
         if decompressor.decompress(frame) != d.tobytes():  # pragma: no cover - library bug
             raise AssertionError("zstd does not round-trip")
-    row = Row(f"zstd-{level} on raw BF16 bytes", None, sum(len(f) for f in frames), sum(d.size for _, d in tensors))
+    source = sum(d.size for _, d in tensors)
+    row = Row(f"zstd-{level} on raw BF16 bytes", None, sum(len(f) for f in frames), source, label=f"zstd-{level}, raw")
     return _Method(
         row,
         lambda n: [compressor.compress(d) for _, d in tensors],
@@ -238,7 +244,13 @@ def run_codec_bench(
         repeat: timed repetitions; the best is kept.
         cast_bf16: measure F32/F16 weights rounded to BF16 (see `load_tensors`).
         on_row: called with a short description before each measurement (for progress display).
+
+    Raises:
+        PackOptionError: a chunk size that is not a valid ``--chunk-values``.
+        CheckpointError: the checkpoint has no tensors to measure.
     """
+    for cv in chunk_values:
+        check_chunk_values(cv)
     tensors = load_tensors(checkpoint, max_bytes, cast_bf16=cast_bf16)
     if not tensors:
         hint = "" if cast_bf16 else " (add --cast-bf16 for a model stored in F32 or F16)"
@@ -263,6 +275,7 @@ def run_codec_bench(
             if coder.codec_id == "rans":
                 unchecked = _zipmoe_method(tensors, coder, DEFAULT_CHUNK_VALUES, pools, check=False, encode=False)
                 unchecked.row.note = "decode without checksum verification"
+                unchecked.row.label = f"{coder.label}, no checksums"
                 methods.append(unchecked)
         note("zstd-3 on raw BF16 bytes")
         methods.append(_zstd_raw_method(tensors, 3))

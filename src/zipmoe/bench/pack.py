@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,22 @@ def _child(args: list[str]) -> str:
 
 
 def run_pack_bench(
-    checkpoint: Checkpoint, source: str, *, threads: int | None = None, repeat: int = 2
+    checkpoint: Checkpoint,
+    source: str,
+    *,
+    threads: int | None = None,
+    repeat: int = 2,
+    on_step: Callable[[str], None] | None = None,
 ) -> PackBenchReport:
-    """Pack ``source`` ``repeat`` times warm and cold in child processes (best kept), and read it as the baseline."""
+    """Pack ``source`` ``repeat`` times warm and cold in child processes (best kept), and read it as the baseline.
+
+    ``on_step`` is called with a short description before each step (for progress display).
+    """
+    note = on_step or (lambda s: None)
+    note("reading the safetensors files (baseline)")
     _read_all(checkpoint)  # warm the page cache, as pack's first read would
     read_seconds = min(_read_all(checkpoint) for _ in range(repeat))
+    note("measuring the memory of a child that only loads zipmoe")
     baseline_rss = int(_child(["-c", _BASELINE_RSS]).strip())
     best: dict[str, Any] | None = None
     cold = float("inf")
@@ -114,7 +126,8 @@ def run_pack_bench(
         cli = ["-m", "zipmoe", "pack", source, "-o", str(out), "--force", "--quiet"] + (
             ["--threads", str(threads)] if threads else []
         )
-        for _ in range(repeat):
+        for i in range(repeat):
+            note(f"packing, round {i + 1}/{repeat}: kernels loaded, then zipmoe pack end to end")
             result = json.loads(_child(["-c", _WARM_PACK, source, str(out), str(threads or 0)]))
             if best is None or result["seconds"] < best["seconds"]:
                 best = result

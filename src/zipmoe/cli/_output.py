@@ -1,4 +1,7 @@
-"""Results go to stdout (tables, or JSON with --json); progress, warnings and errors go to stderr."""
+"""Results go to stdout (tables, or JSON with --json); progress, warnings and errors go to stderr.
+
+Every command module imports this one, so it loads only rich's console; progress bars and tables load when drawn.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +9,13 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 # Markup is off: names, paths and messages come from files strangers wrote ("[/red]" is a valid file name); styles
 # are given as `rich.text.Text` spans (see `styled`).
@@ -60,6 +54,8 @@ def print_json(doc: Any) -> None:
 
 def table(*columns: str, title: str | None = None) -> Table:
     """A results table; columns after the first are right-aligned (they hold numbers)."""
+    from rich.table import Table
+
     t = Table(title=title, title_justify="left", header_style="bold")
     for i, name in enumerate(columns):
         t.add_column(name, justify="left" if i == 0 else "right")
@@ -77,6 +73,18 @@ def progress_bar(
     if quiet or not stderr.is_terminal:
         yield (lambda total: None), (lambda n: None)
         return
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     counted = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(), TextColumn(unit))
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *counted, TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
@@ -85,14 +93,11 @@ def progress_bar(
 
 
 def prepare_codecs(quiet: bool) -> None:
-    """Load the compiled codecs (compiling them on the first run after installing) before timed work starts."""
-    from zipmoe.codecs.parts import warm_up
-    from zipmoe.quant.amat import warm_up as warm_up_quant
+    """Load the compiled kernels before timed work starts (call it after checking the command's inputs).
 
-    if quiet or not stderr.is_terminal:
-        warm_up()
-        warm_up_quant()
-        return
-    with stderr.status("Preparing codecs (compiled once after installing, then cached)"):
-        warm_up()
-        warm_up_quant()
+    The first run after installing compiles them, which takes a while: one line on stderr says so then, terminal or
+    not, printed when numba starts compiling and never when its cache holds every kernel (`zipmoe._kernels`).
+    """
+    from zipmoe import _kernels
+
+    _kernels.prepare(None if quiet else (lambda: stderr.print(_kernels.COMPILING)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Annotated
@@ -9,11 +10,12 @@ from typing import Annotated
 import typer
 
 from zipmoe import __version__
-from zipmoe.cli import bench, demo, evaluate, inspect, pack, plan, run, unpack, verify
+from zipmoe.cli._options import ZipmoeGroup
 from zipmoe.cli._output import stderr, styled
 from zipmoe.errors import ZipmoeError
 
 app = typer.Typer(
+    cls=ZipmoeGroup,  # old flag spellings as hidden aliases, tidy help (zipmoe.cli._options)
     name="zipmoe",
     help="Pack Mixture-of-Experts checkpoints into verified, memory-mappable containers.",
     no_args_is_help=True,
@@ -38,10 +40,31 @@ def _root(
     """Pack Mixture-of-Experts checkpoints into verified, memory-mappable containers."""
 
 
-for module in (pack, verify, inspect, unpack, plan, run, demo):
-    app.command(module.NAME, epilog=module.EPILOG)(module.command)
-app.add_typer(bench.app, name="bench")
-app.add_typer(evaluate.app, name="eval")
+# The command modules of zipmoe.cli, one line each. A module defines NAME, EPILOG and `command`, or COMMANDS, a list of
+# (name, epilog, function) for several commands. Their top-level imports stay light (typer, zipmoe.cli._options,
+# zipmoe.cli._output, zipmoe.errors; heavy ones inside the functions): `zipmoe --help` imports every one of them and
+# must load neither numba nor torch (tests/test_startup.py checks).
+COMMAND_MODULES = (
+    "pack",
+    "verify",
+    "inspect",
+    "unpack",
+    "plan",
+    "run",
+    "chat",
+    "models",  # pull, list, rm
+    "demo",
+)
+GROUP_MODULES = {"bench": "bench", "eval": "evaluate"}  # command group -> module defining its typer `app`
+
+for _name in COMMAND_MODULES:
+    _module = importlib.import_module(f"zipmoe.cli.{_name}")
+    for _command, _epilog, _function in getattr(_module, "COMMANDS", None) or [
+        (_module.NAME, _module.EPILOG, _module.command)
+    ]:
+        app.command(_command, epilog=_epilog)(_function)
+for _group, _name in GROUP_MODULES.items():
+    app.add_typer(importlib.import_module(f"zipmoe.cli.{_name}").app, name=_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,10 +6,9 @@ from typing import Annotated
 
 import typer
 
+from zipmoe.cli._checks import check_container
 from zipmoe.cli._options import ContainerArg, JsonOpt
 from zipmoe.cli._output import human_bytes, percent, print_json, stdout, styled, table
-from zipmoe.formats.reader import Container
-from zipmoe.summary import summarize
 
 NAME = "inspect"
 EPILOG = """Examples:
@@ -26,6 +25,10 @@ def command(
     json_output: JsonOpt = False,
 ) -> None:
     """Show what a container holds: source, model, codecs, and sizes, ratios and exponent entropy per section."""
+    check_container(container)  # before numba loads: a mistyped path fails at once
+    from zipmoe.formats.reader import Container
+    from zipmoe.summary import summarize
+
     with Container(container) as c:
         doc = summarize(c, tensors=tensors)
     if json_output:

@@ -7,14 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from zipmoe._memory import peak_rss_bytes
 from zipmoe.cli._options import ForceOpt, JsonOpt, QuietOpt, SourceArg, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, progress_bar, stdout, table, warn
-from zipmoe.codecs.coders import parse_coder
-from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES
-from zipmoe.pack import PackOptions
-from zipmoe.pack import pack as run_pack
-from zipmoe.quant.spec import parse_slices
+from zipmoe.defaults import DEFAULT_CHUNK_VALUES
 
 NAME = "pack"
 EPILOG = """Examples:
@@ -76,6 +71,15 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Pack a Hugging Face MoE checkpoint into one verified .zmoe container (bit-exact)."""
+    from zipmoe.formats.checkpoint import check_source
+
+    check_source(source)  # before numba loads: a mistyped path fails at once
+    from zipmoe._memory import peak_rss_bytes
+    from zipmoe.codecs.coders import parse_coder
+    from zipmoe.pack import PackOptions
+    from zipmoe.pack import pack as run_pack
+    from zipmoe.quant.spec import parse_slices
+
     options = PackOptions(
         coder=parse_coder(coder),
         chunk_values=chunk_values,

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
+from zipmoe.cli._options import DeviceOpt, DtypeOpt, IoOpt, JsonOpt, ModelArg, QuietOpt, StorageOpt, ThreadsOpt
+from zipmoe.cli._options import memory_budget as memory_budget_option
 from zipmoe.cli._output import percent, prepare_codecs, print_json, stderr, stdout, table
-from zipmoe.errors import ZipmoeError
 
 NAME = "plan"
 EPILOG = """Examples:
@@ -23,10 +23,8 @@ EPILOG = """Examples:
 
 
 def command(
-    container: ContainerArg,
-    memory_budget: Annotated[
-        str, typer.Option("--memory-budget", "-m", help="Memory for experts: 2GiB, 500MB, or 50% of the BF16 experts.")
-    ],
+    container: ModelArg,
+    memory_budget: Annotated[str, memory_budget_option("Memory for experts: 2GiB, 500MB, or 50% of the BF16 experts.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the plan (JSON).")],
     routing: Annotated[
         Optional[str],
@@ -36,12 +34,10 @@ def command(
             "(default: the architecture's synthetic routing).",
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.")] = None,
-    io: Annotated[str, typer.Option("--io", help="buffered or direct (as zipmoe run will read).")] = "buffered",
-    simulate_storage: Annotated[
-        Optional[float], typer.Option("--simulate-storage", help="Plan for storage of this bandwidth, GB/s.")
-    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    io: IoOpt = "buffered",
+    simulate_storage: StorageOpt = None,
     decoded_share: Annotated[
         Optional[float],
         typer.Option(
@@ -53,19 +49,23 @@ def command(
         Optional[Path], typer.Option("--plot", help="Draw predicted TPOT and hit rates against the split (PNG).")
     ] = None,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Choose how the expert memory is split between decoded experts and compact forms, and which experts each tier
     holds, from a model of which experts tokens use and this machine's measured costs."""
+    from zipmoe.cli.models import model_container
+    from zipmoe.extras import RUNTIME, require
+
+    require("zipmoe plan", *RUNTIME, *(("matplotlib",) if plot_path is not None else ()))
+    container = model_container(container, quiet=quiet)  # a directory or Hub repo: packed into the store once
     from zipmoe.planning.build import plan_engine
     from zipmoe.runtime.engine import Engine, EngineOptions
 
-    if not Path(container).is_file():
-        raise ZipmoeError(f"{container}: no such file")
     options = EngineOptions(
         device=device, dtype=dtype, memory_budget=memory_budget, threads=threads, io=io,
-        simulate_storage_gbps=simulate_storage,
+        simulate_storage_gbps=simulate_storage or None,
     )  # fmt: skip
-    prepare_codecs(quiet=json_output)
+    prepare_codecs(quiet=quiet or json_output)
     with Engine(container, options) as engine:
         plan = plan_engine(engine, routing, decoded_share=decoded_share)
     plan.write(output)
@@ -82,10 +82,13 @@ def command(
                   percent(c.hit_compact), percent(c.miss), f"{c.tpot_seconds * 1000:.1f} ms")  # fmt: skip
     stdout.print(t)
     costs = plan.costs
-    stderr.print(
-        f"measured: reads {costs.read_bytes_per_second / 1e9:.2f} GB/s, decode {costs.decode_seconds * 1000:.1f} ms, "
-        f"compute {costs.compute_seconds * 1000:.2f} ms per expert, dense {costs.dense_seconds * 1000:.1f} ms per token"
-    )
+    if not quiet:
+        stderr.print(
+            f"measured: reads {costs.read_bytes_per_second / 1e9:.2f} GB/s, decode {costs.decode_seconds * 1000:.1f} "
+            f"ms, compute {costs.compute_seconds * 1000:.2f} ms per expert, dense {costs.dense_seconds * 1000:.1f} ms "
+            f"per token, overlap loss {costs.overlap_loss:.2f}; per-layer splits (each layer an equal part of the "
+            f"bytes) would predict {plan.extra['per_layer_tpot_seconds'] * 1000:.1f} ms"
+        )
     stdout.print(f"plan: {output} (decoded share {plan.decoded_share:.2f}, {len(plan.pinned['decoded'])} experts pinned "
                  f"decoded, {len(plan.pinned[plan.compact])} as {plan.compact})")  # fmt: skip
 

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from zipmoe.cli._options import ContainerArg, JsonOpt, ThreadsOpt
+from zipmoe.cli._engine_options import (
+    CriticalThresholdOpt,
+    DecodedFractionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    IoOpt,
+    MaxNewTokensOpt,
+    MemoryBudgetOpt,
+    ModeOpt,
+    PlanOpt,
+    PolicyOpt,
+    ScheduleOpt,
+    SeedOpt,
+    SimulateStorageOpt,
+    TemperatureOpt,
+    TiersOpt,
+    TopPOpt,
+    WarmupOpt,
+)
+from zipmoe.cli._options import JsonOpt, ModelArg, QuietOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, percent, prepare_codecs, print_json, stderr, table, warn
 from zipmoe.errors import ZipmoeError
 from zipmoe.runtime.policies import DEFAULT_THRESHOLD
@@ -20,78 +40,59 @@ EPILOG = """Examples:
 
   zipmoe run qwen-moe.zmoe "Write a haiku about caches" --chat --memory-budget 8GiB --temperature 0.7 --seed 1
 
-  zipmoe run model.zmoe "Hello" --memory-budget 50% --simulate-storage 1.25     # phone-flash speed, simulated
+  zipmoe run model.zmoe "Hello" --memory-budget 50% --storage 1.25     # phone-flash speed, simulated
 
   zipmoe run sliced.zmoe "def fib(n):" --mode dbsc --memory-budget 25%          # packed with --slices 8:4
 
-The generated text goes to stdout as it is produced; the statistics table goes to stderr.
+  git diff | zipmoe run model.zmoe - --chat          # the prompt from stdin (one trailing newline dropped)
+
+  zipmoe run model.zmoe --file prompt.txt --json     # the prompt from a file; --json adds finish_reason: stop|length
+
+  zipmoe run model.zmoe --prompts batch.jsonl > results.jsonl   # {"prompt": "...", "max_new_tokens": 16} per line
+
+The generated text goes to stdout as it is produced; the statistics table goes to stderr. With --prompts, every
+prompt runs on one loaded model with its expert cache kept warm, and each result is one JSON line on stdout (id,
+text, tokens, finish_reason, timings and that prompt's cache statistics), in input order; the whole file is checked
+first, and a bad line is an error naming it.
 """
+
+# `finish_reason` values (OpenAI's) as the table shows them.
+FINISH_LABELS = {"stop": "stop (end-of-sequence token)", "length": "length (--max-new-tokens reached)"}
 
 
 def command(
-    container: ContainerArg,
-    prompt: Annotated[str, typer.Argument(help="The prompt.", show_default=False)],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
-    memory_budget: Annotated[
+    container: ModelArg,
+    prompt: Annotated[
+        Optional[str],
+        typer.Argument(help="The prompt, or - to read it from standard input.", metavar="PROMPT", show_default=False),
+    ] = None,
+    file: Annotated[
+        Optional[Path],
+        typer.Option("--file", metavar="FILE", help="Read the prompt from this file (UTF-8).", show_default=False),
+    ] = None,
+    prompts: Annotated[
         Optional[str],
         typer.Option(
-            "--memory-budget",
-            "-m",
-            help="Memory for experts: 2GiB, 500MB, or a percentage of the model's BF16 expert bytes (50%). "
-            "Default: every expert decoded, up to half of the available memory.",
+            "--prompts",
+            metavar="FILE.jsonl",
+            help="Run every prompt of this JSON Lines file (- for standard input) on one loaded model: one "
+            '{"prompt": ...} object or string a line, with optional max_new_tokens, temperature, top_p, seed, chat, '
+            "id; one JSON result a line on stdout, in order.",
+            show_default=False,
         ),
     ] = None,
-    tiers: Annotated[
-        Optional[str],
-        typer.Option(
-            "--tiers",
-            help="Shares of the expert memory per tier: decoded (compute-ready), compressed (whole records), sm "
-            "(sign+mantissa planes; a hit reads only the coded exponents), e.g. decoded=0.5,sm=0.5 "
-            "(default: decoded=1; see docs/RUNTIME.md).",
-        ),
-    ] = None,
-    decoded_fraction: Annotated[
-        Optional[float], typer.Option("--decoded-fraction", min=0.0, max=1.0, hidden=True)
-    ] = None,  # the old spelling of --tiers decoded=F,compressed=1-F
-    policy: Annotated[
-        str, typer.Option("--policy", help="What the tiers keep: lfu (token-weighted, ZipMoE's), or lru.")
-    ] = "lfu",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
-    dtype: Annotated[
-        Optional[str],
-        typer.Option(
-            "--dtype",
-            help="Compute dtype: float32, bfloat16 or float16 (default: bfloat16 on GPUs and "
-            "BF16-capable CPUs, float32 elsewhere).",
-        ),
-    ] = None,  # fmt: skip
+    max_new_tokens: MaxNewTokensOpt = 64,
+    memory_budget: MemoryBudgetOpt = None,
+    tiers: TiersOpt = None,
+    decoded_fraction: DecodedFractionOpt = None,
+    policy: PolicyOpt = "lfu",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
-    io: Annotated[
-        str,
-        typer.Option("--io", help="How experts are read: buffered (through the page cache) or direct (O_DIRECT)."),
-    ] = "buffered",
-    simulate_storage: Annotated[
-        Optional[float],
-        typer.Option(
-            "--simulate-storage", help="Simulate storage of this bandwidth in GB/s (e.g. 3.5 NVMe, 1.25 phone flash)."
-        ),
-    ] = None,
-    plan: Annotated[
-        Optional[str],
-        typer.Option(
-            "--plan",
-            help="A plan from zipmoe plan for this container (sets the tiers, pins and prefetches the planned "
-            "experts), or auto (plan now from the architecture's synthetic routing).",
-        ),
-    ] = None,
-    schedule: Annotated[
-        Optional[str],
-        typer.Option(
-            "--schedule",
-            help="Order of a layer's fetches: affinity (reads and decodes interleaved, ZipMoE's; the default with "
-            "--plan) or fifo (expert order; the default otherwise).",
-        ),
-    ] = None,
+    io: IoOpt = "buffered",
+    simulate_storage: SimulateStorageOpt = None,
+    plan: PlanOpt = None,
+    schedule: ScheduleOpt = None,
     record_routing: Annotated[
         Optional[Path],
         typer.Option(
@@ -100,35 +101,12 @@ def command(
             "(for zipmoe bench run --routing).",
         ),
     ] = None,
-    mode: Annotated[
-        str,
-        typer.Option(
-            "--mode",
-            help="lossless (BF16 experts), or from AMAT slices (pack --slices 8:4): q8, q4, or dbsc (the top expert "
-            "of a confident token at 8 bits, the others at 4).",
-        ),
-    ] = "lossless",
-    critical_threshold: Annotated[
-        float,
-        typer.Option(
-            "--critical-threshold",
-            min=0.0,
-            max=1.0,
-            help="dbsc: a selected expert runs at high precision when its router probability is at least this "
-            "(at most two per token).",
-        ),
-    ] = DEFAULT_THRESHOLD,
-    warmup: Annotated[
-        str,
-        typer.Option(
-            "--warmup",
-            help="Slice modes, what the cache holds when decoding starts: pcw (the slices the prompt used most), "
-            "last-layer (what LRU left), random, or empty.",
-        ),
-    ] = "pcw",
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
+    mode: ModeOpt = "lossless",
+    critical_threshold: CriticalThresholdOpt = DEFAULT_THRESHOLD,
+    warmup: WarmupOpt = "pcw",
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     chat: Annotated[
         bool, typer.Option("--chat", help="Wrap the prompt as a user message with the chat template.")
     ] = False,
@@ -142,46 +120,67 @@ def command(
         ),
     ] = False,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate text from a container, holding only part of its experts in memory."""
-    from zipmoe.runtime.engine import Engine, EngineOptions, check_prompt, expert_bytes_summary
-    from zipmoe.runtime.generate import SamplingOptions
+    from zipmoe.extras import RUNTIME, require
 
-    check_prompt(prompt)
-    if not Path(container).is_file():
-        raise ZipmoeError(f"{container}: no such file")
-    if decoded_fraction is not None and tiers is None:
-        tiers = f"decoded={decoded_fraction},compressed={1 - decoded_fraction}"
-    options = EngineOptions(
-        device=device, dtype=dtype, memory_budget=memory_budget, tiers=tiers, policy=policy, threads=threads, io=io,
-        simulate_storage_gbps=simulate_storage, mode=mode, critical_threshold=critical_threshold, warmup=warmup,
-        plan=plan, schedule=schedule,
+    require("zipmoe run", *RUNTIME)
+    from zipmoe.cli._engine_options import engine_options, sampling_options
+    from zipmoe.runtime.request import STDIN, PromptError, check_prompt, read_prompt, read_prompt_requests
+
+    given = {"PROMPT": prompt, "--file": file, "--prompts": prompts}
+    sources = [name for name, value in given.items() if value is not None]
+    if len(sources) != 1:
+        both = f" (not both {sources[0]} and {sources[1]})" if sources else ""
+        raise PromptError(f"give one prompt: an argument, - for standard input, --file FILE or --prompts FILE{both}")
+    if prompt is not None and prompt != STDIN:
+        check_prompt(prompt)
+    sampling = sampling_options(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+        truncate=truncate,
     )  # fmt: skip
-    sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos, truncate=truncate)
-    prepare_codecs(quiet=json_output)
-    with Engine(container, options) as engine:
-        if engine.storage.warning:
+    if STDIN in (prompt, prompts) and sys.stdin is not None and sys.stdin.isatty():
+        stderr.print("Reading from standard input; end it with Ctrl-D.")
+    if prompts is not None:  # the whole file is checked before a model is packed or loaded
+        requests = read_prompt_requests(prompts, f"--prompts {prompts}", sampling, chat)
+    elif prompt is None or prompt == STDIN:
+        prompt = read_prompt(STDIN, "standard input") if file is None else read_prompt(file, f"--file {file}")
+    from zipmoe.cli.models import model_container
+
+    path = model_container(container)  # a checkpoint directory or Hub repo is packed into the model store once
+    options = engine_options(
+        device=device, dtype=dtype, memory_budget=memory_budget, tiers=tiers, decoded_fraction=decoded_fraction,
+        policy=policy, threads=threads, io=io, simulate_storage=simulate_storage, mode=mode,
+        critical_threshold=critical_threshold, warmup=warmup, plan=plan, schedule=schedule,
+    )  # fmt: skip
+    from zipmoe.runtime.engine import Engine, expert_bytes_summary
+
+    prepare_codecs(quiet=quiet or json_output or prompts is not None)
+    with Engine(path, options) as engine:
+        if engine.storage.warning and not quiet:
             warn(engine.storage.warning)
         recorder = engine.record_routing() if record_routing is not None else None
+        if prompts is not None:
+            failed = _run_requests(engine, requests, recorder)
+            if recorder is not None:
+                recorder.write(record_routing)
+            if failed:
+                raise ZipmoeError(f'{failed} of {len(requests)} prompts failed (their result lines hold the "error")')
+            return
         on_text = None if json_output else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         text, result = engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
         if recorder is not None:
             recorder.end_request()
             recorder.write(record_routing)
         stats = engine.pipeline.stats
-        if result.dropped_tokens:
+        if result.dropped_tokens and not quiet:
             warn(
                 f"--truncate: the prompt's first {result.dropped_tokens} tokens were left out; the model saw its last "
                 f"{result.prompt_tokens} (context {engine.args.context} tokens)"
             )
         doc = {
-            "text": text,
-            "prompt_tokens": result.prompt_tokens,
-            "dropped_prompt_tokens": result.dropped_tokens,
-            "new_tokens": len(result.tokens),
-            "ttft_seconds": result.ttft,
-            "tpot_seconds": result.tpot,
-            "tokens_per_second": result.tokens_per_second,
+            **_result_json(text, result),
             "memory_budget_bytes": engine.budget,
             "tiers_bytes": {kind: engine.tiers.capacity(kind) for kind in engine.tiers.kinds},
             "dense_bytes": engine.dense_bytes,
@@ -193,34 +192,87 @@ def command(
         return
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if quiet:  # the text alone
+        return
     t = table("", "value", title="zipmoe run")
     t.add_row("tokens (prompt / new)", f"{doc['prompt_tokens']} / {doc['new_tokens']}")
     t.add_row("time to first token", f"{result.ttft * 1000:.0f} ms")
     t.add_row("time per output token", f"{result.tpot * 1000:.1f} ms" if result.step_seconds else "-")
     t.add_row("tokens/s", f"{result.tokens_per_second:.2f}" if result.step_seconds else "-")
+    t.add_row("finish reason", FINISH_LABELS.get(result.finish_reason, result.finish_reason))
     t.add_row("mode", doc["model"]["mode"])
-    if mode != "lossless":
-        for kind in ("msb", "lsb"):
-            hits, misses = stats.hits.get(kind, 0), stats.misses.get(kind, 0)
-            t.add_row(
-                f"{kind.upper()} slices: hits / misses", f"{hits} / {misses} ({percent(stats.miss_rate(kind))} miss)"
-            )
-        t.add_row("expert runs: high / low precision", f"{stats.computed['high']} / {stats.computed['low']}")
-        if mode == "dbsc":
-            t.add_row("tokens with a critical expert", percent(doc["cache"]["critical_fraction"]))
-    else:
-        for where, label in (("decoded", "experts served decoded"), ("compressed", "experts served from records"),
-                             ("sm", "experts served from sign-mantissa planes"),
-                             ("storage", "experts read from storage")):  # fmt: skip
-            if where in stats.served_from or where in ("decoded", "storage"):
-                t.add_row(label, f"{stats.served_from.get(where, 0)} ({percent(stats.rate(where))})")
-        t.add_row("bytes decoded", human_bytes(stats.bytes_decoded))
-        if stats.storage_busy is not None:
-            t.add_row("storage busy in miss-heavy layers", percent(stats.storage_busy))
-    t.add_row("bytes read from storage", human_bytes(stats.total_bytes_read))
+    for row in cache_rows(stats, mode):
+        t.add_row(*row)
     t.add_row(
         "expert memory (peak / budget)", f"{human_bytes(stats.peak_bytes)} / {human_bytes(doc['memory_budget_bytes'])}"
     )
     t.add_row("dense weights (resident)", human_bytes(doc["dense_bytes"]))
     t.add_row("device / dtype", f"{doc['model']['device']} / {doc['model']['dtype']}")
     stderr.print(t)
+
+
+def cache_rows(stats, mode: str) -> list[tuple[str, str]]:
+    """Table rows saying where the experts came from and what that cost (run's table, chat's ``/stats``).
+
+    Args:
+        stats: the expert pipeline's `PipelineStats`.
+        mode: the run mode: ``lossless``, or a slice mode (``q8``, ``q4``, ``dbsc``).
+    """
+    rows = []
+    if mode != "lossless":
+        for kind in ("msb", "lsb"):
+            hits, misses = stats.hits.get(kind, 0), stats.misses.get(kind, 0)
+            rows.append(
+                (f"{kind.upper()} slices: hits / misses", f"{hits} / {misses} ({percent(stats.miss_rate(kind))} miss)")
+            )
+        rows.append(("expert runs: high / low precision", f"{stats.computed['high']} / {stats.computed['low']}"))
+        if mode == "dbsc":
+            rows.append(("tokens with a critical expert", percent(stats.to_json()["critical_fraction"])))
+    else:
+        for where, label in (("decoded", "experts served decoded"), ("compressed", "experts served from records"),
+                             ("sm", "experts served from sign-mantissa planes"),
+                             ("storage", "experts read from storage")):  # fmt: skip
+            if where in stats.served_from or where in ("decoded", "storage"):
+                rows.append((label, f"{stats.served_from.get(where, 0)} ({percent(stats.rate(where))})"))
+        rows.append(("bytes decoded", human_bytes(stats.bytes_decoded)))
+        if stats.storage_busy is not None:
+            rows.append(("storage busy in miss-heavy layers", percent(stats.storage_busy)))
+    rows.append(("bytes read from storage", human_bytes(stats.total_bytes_read)))
+    return rows
+
+
+def _result_json(text: str, result) -> dict[str, Any]:
+    """What one generation gave and how fast, as ``--json`` and ``--prompts`` print it."""
+    return {
+        "text": text,
+        "prompt_tokens": result.prompt_tokens,
+        "dropped_prompt_tokens": result.dropped_tokens,
+        "new_tokens": len(result.tokens),
+        "finish_reason": result.finish_reason,
+        "ttft_seconds": result.ttft,
+        "tpot_seconds": result.tpot,
+        "tokens_per_second": result.tokens_per_second,
+    }
+
+
+def _run_requests(engine, requests, recorder) -> int:
+    """Generate for each request in order on one engine (its expert cache stays warm), printing one JSON line each
+    as it finishes: the result with the cache statistics of that prompt alone, or its ``error``. Returns how many
+    failed; a prompt the model cannot take (too long, a chat template that fails) does not stop the others."""
+    from zipmoe.runtime.request import PromptError
+    from zipmoe.runtime.tokenizer import TokenizerError
+
+    failed = 0
+    for request in requests:
+        try:
+            text, result = engine.generate_text(request.prompt, request.sampling, chat=request.chat)
+        except (PromptError, TokenizerError) as exc:
+            failed += 1
+            doc = {"id": request.id, "error": str(exc)}
+        else:
+            if recorder is not None:
+                recorder.end_request()
+            doc = {"id": request.id, **_result_json(text, result), "cache": result.cache.to_json()}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+    return failed

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
+from zipmoe.cli._checks import check_container
 from zipmoe.cli._options import ContainerArg, ForceOpt, JsonOpt, QuietOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stdout, table
-from zipmoe.unpack import unpack as run_unpack
 
 NAME = "unpack"
 EPILOG = """Examples:
@@ -27,6 +27,9 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write the packed checkpoint back out, byte-identical to the original files (SHA-256 checked)."""
+    check_container(container)  # before numba loads: a mistyped path fails at once
+    from zipmoe.unpack import unpack as run_unpack
+
     prepare_codecs(quiet)
     with progress_bar(f"Unpacking {container}", quiet) as (start, advance):
         files = run_unpack(container, output, force=force, threads=threads, progress_start=start, progress=advance)

@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from zipmoe.cli._checks import check_container
 from zipmoe.cli._options import ContainerArg, JsonOpt, QuietOpt, ThreadsOpt
 from zipmoe.cli._output import human_bytes, prepare_codecs, print_json, progress_bar, stderr, stdout, styled
-from zipmoe.verify import verify as run_verify
 
 NAME = "verify"
 EPILOG = """Examples:
@@ -34,6 +34,13 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Check structure, every checksum, and that every tensor decodes to its source (SHA-256, or bit for bit)."""
+    from zipmoe.formats.checkpoint import check_source
+
+    check_container(container)  # before numba loads: a mistyped path fails at once
+    if source is not None:
+        check_source(source)
+    from zipmoe.verify import verify as run_verify
+
     prepare_codecs(quiet)
     with progress_bar(f"Verifying {container}", quiet) as (start, advance):
         report = run_verify(container, source, threads=threads, progress_start=start, progress=advance)

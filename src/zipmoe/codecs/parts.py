@@ -45,12 +45,12 @@ from zipmoe._threads import Workers
 from zipmoe.codecs.bf16 import extract_sign_mantissa, widen_bf16
 from zipmoe.codecs.checksum import xxh64
 from zipmoe.codecs.coders import PAYLOAD, PLAIN, ChunkLayout, ExponentCoder, RansCoder, coder_from_config
+from zipmoe.defaults import DEFAULT_CHUNK_VALUES  # chosen with `zipmoe bench codecs` (docs/BENCHMARKS.md)
 from zipmoe.errors import ChecksumError, FormatError, UnknownCodecError
 
 DIRECTORY_ENTRY = np.dtype(
     [("payload_nbytes", "<u4"), ("reserved", "<u4"), ("payload_xxh64", "<u8"), ("plain_xxh64", "<u8")]
 )
-DEFAULT_CHUNK_VALUES = 1 << 16  # chosen with `zipmoe bench codecs` (docs/BENCHMARKS.md)
 DEFAULT_CHUNK_BYTES = 1 << 20
 _TASK_VALUES = 1 << 19  # values per thread-pool task at least: ~0.3 ms of work, well above the cost of handing it out
 MIN_CHUNK = 64

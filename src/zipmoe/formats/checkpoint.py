@@ -86,20 +86,32 @@ class Checkpoint:
         return sum(t.nbytes for _, t in self.tensors.values())
 
 
+def check_source(source: str) -> None:
+    """Fail at once, reading and downloading nothing, when ``source`` can be neither a checkpoint directory nor a Hub
+    repo id; commands call it before they load their kernels.
+
+    Raises:
+        CheckpointError: ``source`` is a file, or a missing path that is not ``org/name[@revision]`` either.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{source}: not a directory (expected a Hugging Face checkpoint directory)")
+    elif _REPO_ID.match(source) is None:
+        raise CheckpointError(f"{source}: no such directory, and not a Hub repo id (org/name[@revision])")
+
+
 def open_checkpoint(source: str) -> Checkpoint:
     """Resolve ``source`` (local directory or ``org/name[@revision]``) and parse every safetensors header.
 
     Raises:
         CheckpointError: the directory or repo does not exist, has no safetensors, or a file is malformed.
     """
+    check_source(source)
     path = Path(source).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{source}: not a directory (expected a Hugging Face checkpoint directory)")
         return _open_dir(path.resolve(), CheckpointSource("local", path.resolve().name))
     m = _REPO_ID.match(source)
-    if m is None:
-        raise CheckpointError(f"{source}: no such directory, and not a Hub repo id (org/name[@revision])")
     return _open_hub(m["repo"], m["revision"])
 
 

@@ -109,3 +109,16 @@ def classify(config: dict[str, Any] | None, tensors: list[SourceTensor]) -> Mode
     if not experts:
         warnings.append(f"no routed-expert tensors found for {family.name}; packing all tensors as dense")
     return ModelLayout(model_type, family.name, n_layers, n_experts, experts, tuple(warnings))
+
+
+# What each member of a routed expert computes, by the projection name checkpoints give it: Mixtral's w1/w3/w2, the
+# gate_proj/up_proj/down_proj of the others, and gate_up_proj, the [2I, H] gate rows then up rows of fused layouts.
+EXPERT_ROLES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down",
+                "gate_up_proj": "gate_up"}  # fmt: skip
+_MEMBER = re.compile(r"experts\.(?:\d+\.)?(?P<proj>[A-Za-z0-9_]+?)(?:\.weight)?$")
+
+
+def expert_role(name: str) -> str | None:
+    """The role of an expert member tensor (``gate``, ``up``, ``down``, or ``gate_up`` when fused), or None."""
+    m = _MEMBER.search(name)
+    return EXPERT_ROLES.get(m["proj"]) if m else None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -18,16 +19,18 @@ from zipmoe.formats.reader import Container
 from zipmoe.planning.planner import LoadedPlan, PlanError, read_plan
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.config import ModelArgs, read_token_ids
-from zipmoe.runtime.generate import GenerationResult, PromptError, SamplingOptions, generate
+from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
-from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline
+from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline, PipelineStats
 from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, PlannedLFU, SlicePolicy
 from zipmoe.runtime.representations import COMPRESSED, DECODED, LSB, MSB, SM, LosslessExperts, SliceExperts
+from zipmoe.runtime.request import check_prompt  # torch-free; also importable from here as before
 from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
 from zipmoe.runtime.storage import IO_MODES, Storage
 from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
 from zipmoe.runtime.weights import base_transform, check_tensors, to_tensor
+from zipmoe.sizes import parse_size  # sizes are read in one place; also importable from here as before
 from zipmoe.summary import manifest_sha256
 
 # Default shares of the tier bytes (the budget less the in-flight reservation) and policy, chosen with
@@ -37,10 +40,7 @@ DEFAULT_TIERS = {DECODED: 1.0, COMPRESSED: 0.0, SM: 0.0}
 DEFAULT_POLICY = "lfu"
 # Slower simulated storage would turn one expert read into hours of sleep.
 MIN_STORAGE_GBPS = 1e-3
-MAX_SIZE = 2**63  # bytes: the largest size `parse_size` accepts (8 EiB: beyond any memory)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
 
 
 class DeviceError(ZipmoeError, ValueError):
@@ -80,39 +80,6 @@ def resolve_mode(mode: str, spec: SliceSpec | None) -> tuple[str, int | None]:
     if mode not in names:
         raise ModeError(f"unknown mode {mode!r} for {spec.label} slices (choose {', '.join(offered)})")
     return names[mode], None
-
-
-def parse_size(text: str, *, percent_of: int | None = None) -> int:
-    """Bytes from ``2GiB``, ``500MB``, ``1.5G``, ``123456`` or, with ``percent_of``, ``50%``."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*|%)\s*", text)
-    if m is None:
-        raise BudgetError(f"cannot read size {text!r} (examples: 2GiB, 500MB, 50%)")
-    number, unit = float(m[1]), m[2].lower()
-    if unit == "%":
-        if percent_of is None:
-            raise BudgetError("a percentage needs something to be a percentage of")
-        size = number / 100 * percent_of
-    elif unit in _UNITS:
-        size = number * _UNITS[unit]
-    else:
-        raise BudgetError(f"unknown size unit {m[2]!r} in {text!r} (use B, kB, MB, GB, KiB, MiB, GiB)")
-    if not size <= MAX_SIZE:  # also inf and nan, from a number too long for a float
-        raise BudgetError(f"size {_short(text)} is too large (at most 2**63 bytes)")
-    return int(size)
-
-
-def _short(text: str) -> str:
-    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
-
-
-def check_prompt(prompt: str) -> None:
-    """Raise `PromptError` for a prompt that is empty or not valid UTF-8."""
-    if not prompt.strip():
-        raise PromptError("the prompt is empty")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that were not UTF-8 arrive from argv as lone surrogates
-        raise PromptError("the prompt is not valid UTF-8") from None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -228,8 +195,7 @@ class EngineOptions:
         gbps = self.simulate_storage_gbps
         if gbps is not None and not (math.isfinite(gbps) and gbps >= MIN_STORAGE_GBPS):
             raise BudgetError(
-                f"--simulate-storage must be a finite positive bandwidth of at least {MIN_STORAGE_GBPS:g} GB/s, "
-                f"got {gbps!r}"
+                f"--storage must be a finite positive bandwidth of at least {MIN_STORAGE_GBPS:g} GB/s, got {gbps!r}"
             )
         if not 0.0 <= self.critical_threshold <= 1.0:  # also NaN
             raise BudgetError(f"--critical-threshold must be between 0 and 1, got {self.critical_threshold!r}")
@@ -427,15 +393,38 @@ class Engine:
         return tuple(sorted(set(self.args.eos_token_ids) | set(generation)))
 
     def generate_tokens(self, prompt: list[int], sampling: SamplingOptions, on_token=None) -> GenerationResult:
-        """Generate from token ids (see `zipmoe.runtime.generate.generate`)."""
-        return generate(self.model, prompt, sampling, eos_ids=self.eos_ids(), on_token=on_token)
+        """Generate from token ids (see `zipmoe.runtime.generate.generate`).
+
+        The expert cache stays as it is between calls (what one prompt brought in serves the next); the result's
+        ``cache`` holds what the pipeline did for this call alone, ``self.pipeline.stats`` the totals.
+        """
+        before = copy.deepcopy(self.pipeline.stats)
+        result = generate(self.model, prompt, sampling, eos_ids=self.eos_ids(), on_token=on_token)
+        result.cache = stats_since(before, self.pipeline.stats)
+        return result
 
     def generate_text(
         self, prompt: str, sampling: SamplingOptions, *, chat: bool = False, on_text=None
     ) -> tuple[str, GenerationResult]:
-        """Generate from a text prompt; ``on_text`` receives the text as it is produced."""
+        """Generate from a text prompt (with ``chat``, one user message through the chat template); ``on_text``
+        receives the text as it is produced."""
         check_prompt(prompt)
-        ids = self.tokenizer.encode(prompt, chat=chat)
+        return self.generate_text_from(self.tokenizer.encode(prompt, chat=chat), sampling, on_text=on_text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``{"role", "content"}`` messages) rendered by the embedded chat template, up
+        to where the assistant's reply starts.
+
+        Raises:
+            TokenizerError: the container has no chat template, or it fails on these messages.
+        """
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids  # the template wrote them
+
+    def generate_text_from(
+        self, ids: list[int], sampling: SamplingOptions, *, on_text=None
+    ) -> tuple[str, GenerationResult]:
+        """Generate after prompt token ids; the new text, and ``on_text`` receives it as it is produced."""
         stream = StreamDecoder(self.tokenizer)
         pieces: list[str] = []
 
@@ -473,3 +462,20 @@ def expert_bytes_summary(engine: Engine) -> dict[str, Any]:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device),
     }
+
+
+def stats_since(before: PipelineStats, after: PipelineStats) -> PipelineStats:
+    """What the pipeline did between two snapshots of its statistics: counts, bytes and seconds subtracted, the
+    per-step lists cut; ``peak_bytes`` is a high-water mark and stays the total's."""
+    delta: dict[str, Any] = {}
+    for f in fields(after):
+        old, new = getattr(before, f.name), getattr(after, f.name)
+        if f.name == "peak_bytes":
+            delta[f.name] = new
+        elif isinstance(new, dict):
+            delta[f.name] = {key: value - old.get(key, 0) for key, value in new.items()}
+        elif isinstance(new, list):
+            delta[f.name] = new[len(old) :]
+        else:
+            delta[f.name] = new - old
+    return PipelineStats(**delta)

@@ -7,55 +7,28 @@ forward pass, so attention scores take [N, chunk, S] memory, not [N, prompt, pro
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from zipmoe.errors import ZipmoeError
 from zipmoe.runtime.model import KVCache, Transformer
+from zipmoe.runtime.request import MAX_SEED, PromptError, SamplingError, SamplingOptions
+
+if TYPE_CHECKING:
+    from zipmoe.runtime.pipeline import PipelineStats
+
+__all__ = [  # the options live in the torch-free `zipmoe.runtime.request`; imported from here too
+    "DEFAULT_PREFILL_CHUNK", "FINISH_LENGTH", "FINISH_STOP", "MAX_SEED", "GenerationResult", "PromptError",
+    "SamplingError", "SamplingOptions", "check_token_ids", "fit_context", "generate", "prefill", "sample",
+]  # fmt: skip
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass
-MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
-
-
-class SamplingError(ZipmoeError, ValueError):
-    """Sampling options out of range."""
-
-
-class PromptError(ZipmoeError, ValueError):
-    """A prompt the model cannot take: empty, not UTF-8, or too long for its context."""
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to pick tokens. ``temperature`` 0 is greedy; ``top_p`` 0 keeps only the most likely token.
-
-    ``truncate`` keeps the last prompt tokens that leave room for ``max_new_tokens`` in the model's context, instead
-    of refusing a prompt that is too long.
-
-    Raises:
-        SamplingError: a value out of range (NaN and infinities included).
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_at_eos: bool = True
-    truncate: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SamplingError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise SamplingError(f"--temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise SamplingError(f"--top-p must be between 0 and 1, got {self.top_p!r}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise SamplingError(f"--seed must be in 0..{MAX_SEED} (2**63-1), got {self.seed}")
+# Why a generation ended, in OpenAI's words: an end-of-sequence token, or max_new_tokens reached.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
 
 
 @dataclass
@@ -67,6 +40,8 @@ class GenerationResult:
     ttft: float = 0.0  # prompt in, first new token out
     step_seconds: list[float] = field(default_factory=list)  # every later token
     dropped_tokens: int = 0  # first prompt tokens left out to fit the context (``truncate``)
+    finish_reason: str = FINISH_LENGTH  # FINISH_STOP: it ended with an end-of-sequence token
+    cache: PipelineStats | None = None  # what the expert pipeline did for this generation alone (set by `Engine`)
 
     @property
     def tpot(self) -> float:
@@ -166,7 +141,10 @@ def generate(
         result.tokens.append(token)
         if on_token is not None:
             on_token(token)
-        if options.stop_at_eos and token in eos_ids or step + 1 == options.max_new_tokens:
+        if options.stop_at_eos and token in eos_ids:
+            result.finish_reason = FINISH_STOP
+            break
+        if step + 1 == options.max_new_tokens:
             break
         start = time.perf_counter()
         logits = model.forward(torch.tensor([token], device=model.device), position, cache)

@@ -25,19 +25,15 @@ from typing import Any
 
 import torch
 
-from zipmoe.errors import ZipmoeError
 from zipmoe.runtime.model import accumulate, expert_assignments
 from zipmoe.runtime.policies import DECODE, PREFILL
 from zipmoe.runtime.representations import STORAGE, Fetch, LosslessExperts, SliceExperts
 from zipmoe.runtime.storage import Storage
 from zipmoe.runtime.tiers import Tiers
+from zipmoe.sizes import BudgetError  # torch-free, so the CLI can check sizes before loading torch
 
 MAX_CRITICAL = 2  # dbsc: at most this many critical experts per token (the two highest-probability slots)
 SCHEDULES = ("fifo", "affinity")
-
-
-class BudgetError(ZipmoeError, ValueError):
-    """A memory budget below what the runtime needs, or tier shares that do not add up."""
 
 
 @dataclass

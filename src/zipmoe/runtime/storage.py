@@ -12,7 +12,7 @@ Modes (``--io``):
   exactly the bytes it asked for. If the filesystem refuses ``O_DIRECT`` (``EINVAL`` when opening, or on the first
   read), reads go through the page cache instead and `Storage.warning` says so in one line, for the CLI to print.
 
-``--simulate-storage GBPS`` (either mode) models a storage device of that bandwidth on a machine whose page cache
+``--storage GBPS`` (either mode) models a storage device of that bandwidth on a machine whose page cache
 holds the container: every read still happens, and then waits until a device serving reads one after another at
 GBPS (10^9 bytes per second) would have delivered the bytes the read transferred. It simulates transfer time only
 (no seek latency, no queue depth).
@@ -154,7 +154,7 @@ class Storage:
                 ok = False
             if not ok:
                 raise StorageValueError(
-                    f"--simulate-storage must be a finite bandwidth of at least {MIN_GBPS:g} GB/s, got {gbps!r}"
+                    f"--storage must be a finite bandwidth of at least {MIN_GBPS:g} GB/s, got {gbps!r}"
                 )
         self.gbps = None if gbps is None else float(gbps)
         self.pinned = pinned

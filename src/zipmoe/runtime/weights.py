@@ -18,6 +18,7 @@ import torch
 from zipmoe._threads import Workers
 from zipmoe.errors import FormatError
 from zipmoe.formats.constants import CLASS_DENSE
+from zipmoe.formats.experts import expert_role
 from zipmoe.formats.manifest import Manifest
 from zipmoe.formats.reader import SmallTensor
 from zipmoe.quant.amat import base_quantized
@@ -32,8 +33,6 @@ _TORCH_DTYPES = {
 # Bit-compatible storage for each dtype: torch.from_numpy cannot take BF16, so its bits travel as int16.
 _CARRIER = {torch.bfloat16: np.int16, torch.float16: np.float16}
 
-_ROLES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-_MEMBER = re.compile(r"experts\.(?:\d+\.)?(?P<proj>[A-Za-z0-9_]+?)(?:\.weight)?$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 
@@ -51,11 +50,7 @@ def to_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Ten
 
 def member_role(name: str) -> str:
     """The role of an expert member tensor: ``gate``, ``up``, ``down`` or ``gate_up`` (fused)."""
-    m = _MEMBER.search(name)
-    proj = m["proj"] if m else ""
-    if proj == "gate_up_proj":
-        return "gate_up"
-    role = _ROLES.get(proj)
+    role = expert_role(name)
     if role is None:
         raise UnsupportedModelError(f"expert tensor {name!r}: the runtime only knows gate/up/down projections")
     return role
