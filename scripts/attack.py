@@ -1456,11 +1456,12 @@ def family_flags(g: Golden) -> list[Case]:
         (["--temperature", "1e308"], ANY, "tiny"),
         (["--seed", str(2**70), "--temperature", "1"], ANY, "tiny"),
         (["--seed", "-1", "--temperature", "1"], ANY, "tiny"),
-        (["--simulate-storage", "1e-300"], REFUSE, "tiny"),
-        (["--simulate-storage", "nan"], REFUSE, "tiny"),
-        (["--simulate-storage", "inf"], ANY, "tiny"),
-        (["--simulate-storage", "0"], REFUSE, "tiny"),
-        (["--simulate-storage", "-1"], REFUSE, "tiny"),
+        (["--storage", "1e-300"], REFUSE, "tiny"),
+        (["--storage", "nan"], REFUSE, "tiny"),
+        (["--storage", "inf"], ANY, "tiny"),
+        (["--storage", "0"], ANY, "tiny"),  # 0: no simulation
+        (["--storage", "-1"], REFUSE, "tiny"),
+        (["--simulate-storage", "nan"], REFUSE, "tiny"),  # the old spelling, still read
         (["--memory-budget", "1" + "0" * 400], ANY, "tiny"),
         (["--memory-budget", "-1"], REFUSE, "tiny"),
         (["--memory-budget", "-5GiB"], REFUSE, "tiny"),
@@ -1503,7 +1504,7 @@ def family_flags(g: Golden) -> list[Case]:
         (["--device", "tpu"], REFUSE, "tiny"),
         (["--dtype", "float8"], REFUSE, "tiny"),
     ]
-    quick = {"--simulate-storage 1e-300", "--top-p 0", "--memory-budget " + "1" + "0" * 400, "--warmup bogus"}
+    quick = {"--storage 1e-300", "--top-p 0", "--memory-budget " + "1" + "0" * 400, "--warmup bogus"}
     for flags, expect, source in run_flags:
         label = " ".join(flags if len(" ".join(flags)) < 60 else [flags[0], f"<{len(flags[1])} chars>"])
         name = f"run {label}" + (" (sliced)" if source == "sliced" else "")

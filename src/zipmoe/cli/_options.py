@@ -67,7 +67,7 @@ ModelArg = Annotated[
     ),
 ]
 SourceArg = Annotated[
-    str, typer.Argument(help="Checkpoint directory, or Hub repo id org/name[@revision].", show_default=False)
+    str, typer.Argument(help="Checkpoint directory, or Hub repo id org/name\\[@revision].", show_default=False)
 ]
 
 # -- options that mean the same on every command ------------------------------------------------------------------------

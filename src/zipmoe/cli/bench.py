@@ -406,7 +406,7 @@ def cache(
     device = concrete_device(device)
     source = Path(checkpoint if checkpoint is not None else cached_demo_checkpoint(preset))
     routing = routing or SERVING_PRESETS[preset]
-    prepare_codecs(quiet or json_output)
+    prepare_codecs(quiet)
     rows = run_cache_bench(
         _serving_containers(source, quiet)["zipmoe"], budgets=budget_list, storage_gbps=storage_gbps or None,
         routing=routing,
@@ -604,7 +604,7 @@ def slices(
     from zipmoe.quant.spec import SliceSpec
 
     device = concrete_device(device)
-    prepare_codecs(quiet or json_output)
+    prepare_codecs(quiet)
     source = Path(checkpoint) if checkpoint else trained_checkpoint()
     if source.is_file():
         container = source

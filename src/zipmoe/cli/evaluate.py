@@ -99,7 +99,7 @@ def ppl(
     with Container(container) as c:
         spec = c.slice_spec
     modes = table1_modes(spec) if mode == "all" else [m.strip() for m in mode.split(",") if m.strip()]
-    prepare_codecs(quiet or json_output)
+    prepare_codecs(quiet)
     options = EngineOptions(device=device, memory_budget=memory_budget, threads=threads,
                             critical_threshold=critical_threshold)  # fmt: skip
     with progress_bar(f"Scoring {text.name}", quiet or json_output, unit="windows") as (start, advance):

@@ -65,7 +65,7 @@ def command(
         device=device, dtype=dtype, memory_budget=memory_budget, threads=threads, io=io,
         simulate_storage_gbps=simulate_storage or None,
     )  # fmt: skip
-    prepare_codecs(quiet=quiet or json_output)
+    prepare_codecs(quiet)
     with Engine(container, options) as engine:
         plan = plan_engine(engine, routing, decoded_share=decoded_share)
     plan.write(output)

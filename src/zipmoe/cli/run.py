@@ -156,7 +156,7 @@ def command(
     )  # fmt: skip
     from zipmoe.runtime.engine import Engine, expert_bytes_summary
 
-    prepare_codecs(quiet=quiet or json_output or prompts is not None)
+    prepare_codecs(quiet)
     with Engine(path, options) as engine:
         if engine.storage.warning and not quiet:
             warn(engine.storage.warning)

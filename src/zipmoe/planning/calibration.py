@@ -10,7 +10,6 @@ measured as well, by timing layers of misses through the engine's own pipeline (
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from concurrent.futures import Future
@@ -25,6 +24,7 @@ from zipmoe.runtime.pipeline import PipelineStats
 from zipmoe.runtime.policies import DECODE, LFU
 from zipmoe.runtime.representations import COMPRESSED, DECODED, SM, LosslessExperts
 from zipmoe.runtime.tiers import Tiers
+from zipmoe.store import cache_dir
 from zipmoe.summary import manifest_sha256
 
 SAMPLES = 4  # experts read, decoded and computed per measurement
@@ -47,8 +47,7 @@ def _cache_path(engine) -> Path:
             options.simulate_storage_gbps,
         )  # fmt: skip
     )
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zipmoe" / "calibration"
-    return root / f"{key}.json"
+    return cache_dir() / "calibration" / f"{key}.json"
 
 
 def calibrate(engine, *, use_cache: bool = True) -> Costs:
