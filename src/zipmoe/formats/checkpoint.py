@@ -12,13 +12,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zipmoe._json import load_json
 from zipmoe.errors import CheckpointError
 from zipmoe.formats.constants import ROLE_CONFIG, ROLE_GENERATION_CONFIG, ROLE_INDEX, ROLE_TOKENIZER
 from zipmoe.formats.names import name_problem
-from zipmoe.formats.safetensors_file import SafetensorsFile, SourceTensor, read_safetensors_header
+
+if TYPE_CHECKING:  # numpy-backed: imported when a checkpoint is opened, so that a bad source fails before numpy loads
+    from zipmoe.formats.safetensors_file import SafetensorsFile, SourceTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -187,6 +189,8 @@ def _open_dir(root: Path, source: CheckpointSource) -> Checkpoint:
     aux = sorted(
         (p.name, role) for p in root.iterdir() if (role := aux_role(p.name)) and checked_file(root, p.name).is_file()
     )
+    from zipmoe.formats.safetensors_file import read_safetensors_header
+
     files = [read_safetensors_header(root / name) for name in names]
     tensors: dict[str, tuple[int, SourceTensor]] = {}
     for i, f in enumerate(files):
