@@ -46,6 +46,62 @@ FAMILIES = {
 }  # fmt: skip
 N_EXPERTS = 4
 
+# DeepSeek configs the runtime is compared with transformers on (its MLA needs as many key/value heads as heads):
+# V2 with YaRN, no q_lora and group-limited routing; V3 with q_lora, YaRN as V3 sets it, noaux_tc routing, and one
+# multi-token-prediction layer after the last (its tensors written by hand: transformers does not build it).
+DEEPSEEK = {
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=2,
+        num_experts_per_tok=3, moe_intermediate_size=32, intermediate_size=64, kv_lora_rank=16, q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, routed_scaling_factor=2.0, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 0.8, "original_max_position_embeddings": 32},
+    )),
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=3, moe_intermediate_size=32, intermediate_size=64, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2, max_position_embeddings=128,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 32},
+    )),
+}  # fmt: skip
+
+
+def build_deepseek(family: str, out: Path, *, fused: bool = False) -> Path:
+    """A random-init BF16 DeepSeek checkpoint (`DEEPSEEK`) written by transformers, or with ``fused`` its in-memory
+    state dict (fused 3-D experts). V3's routers get an ``e_score_correction_bias`` large enough to change which
+    experts are chosen, and an MTP layer's tensors follow the last layer."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    cls, kwargs = DEEPSEEK[family]
+    config = getattr(transformers, cls)(**{**COMMON, **kwargs})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if family == "deepseek_v3":
+        with torch.no_grad():
+            for layer in model.model.layers[config.first_k_dense_replace :]:
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-0.02, 0.02, config.n_routed_experts))
+    if fused:
+        out.mkdir(parents=True)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        config.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+        tensors = load_file(out / "model.safetensors")
+    if family == "deepseek_v3":  # the MTP layer, as DeepSeek-V3 stores it (a full decoder layer plus projections)
+        mtp, h = f"model.layers.{config.num_hidden_layers}.", config.hidden_size
+        for name, tensor in list(tensors.items()):
+            if name.startswith(f"model.layers.{config.num_hidden_layers - 1}."):
+                tensors[mtp + name.split(".", 3)[3]] = tensor.clone()
+        tensors |= {mtp + "eh_proj.weight": torch.zeros(h, 2 * h, dtype=torch.bfloat16),
+                    mtp + "enorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    mtp + "hnorm.weight": torch.ones(h, dtype=torch.bfloat16)}  # fmt: skip
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
 
 def build_family(family: str, out: Path, *, fused: bool = False, max_shard_size: str | None = None) -> Path:
     """A random-init BF16 checkpoint of ``family`` written by transformers (``save_pretrained``), or, with
@@ -89,6 +145,12 @@ class CheckpointFactory:
         path = self.root / name
         if not path.exists():
             build_family(family, path, fused=fused, max_shard_size=max_shard_size)
+        return path
+
+    def deepseek(self, family: str, *, fused: bool = False) -> Path:
+        path = self.root / (f"{family}-runtime" + ("-fused" if fused else ""))
+        if not path.exists():
+            build_deepseek(family, path, fused=fused)
         return path
 
     def demo(self, preset: str = "tiny") -> Path:

@@ -114,8 +114,8 @@ def test_encoding_configs():
     bf16 = Bf16Split(parse_coder("zstd:5"), 4096)
     assert encoding_from_config(bf16.get_config()) == bf16
     assert encoding_from_config({"id": "raw", "chunk_bytes": 1 << 20}) == Raw()
-    with pytest.raises(UnknownCodecError, match="unknown tensor encoding 'fp8-split'"):
-        encoding_from_config({"id": "fp8-split"})
+    with pytest.raises(UnknownCodecError, match="unknown tensor encoding 'fp4-split'"):
+        encoding_from_config({"id": "fp4-split"})
     with pytest.raises(FormatError, match="chunk_values must be a multiple of 64"):
         Bf16Split(parse_coder("rans"), 1000)
     with pytest.raises(FormatError, match="expected keys"):

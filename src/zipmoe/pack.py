@@ -32,6 +32,7 @@ from zipmoe.codecs.parts import (
     MIN_CHUNK,
     Bf16Split,
     EncodedPart,
+    Fp8Split,
     PartView,
     Raw,
     check_part,
@@ -70,8 +71,8 @@ class PackOptions:
     """How to pack.
 
     Args:
-        coder: exponent coder for BF16 tensors.
-        chunk_values: BF16 values per independently decodable chunk.
+        coder: exponent coder for BF16 and FP8 (E4M3) tensors.
+        chunk_values: BF16 (or FP8) values per independently decodable chunk.
         threads: worker threads (None: every available CPU).
         verify: read every checksum back from the finished file before publishing it.
         force: overwrite an existing output file.
@@ -301,6 +302,16 @@ class _Packer:
         self.raw = Raw()
         self.bf16 = Bf16Split(options.coder, options.chunk_values) if options.coder else self.raw
         self.encodings = [self.bf16.get_config()] + ([self.raw.get_config()] if options.coder else [])
+        self.raw_index = len(self.encodings) - 1
+        # FP8 E4M3 tensors get fp8-split, listed last and only when there are some: other files keep their bytes.
+        self.fp8: Fp8Split | None = None
+        has_fp8 = any(
+            t.dtype == Fp8Split.dtype and t.nbytes and (name in layout.experts or t.nbytes >= SMALL_TENSOR_NBYTES)
+            for name, (_, t) in checkpoint.tensors.items()
+        )  # small dense tensors go into raw runs
+        if options.coder and has_fp8:
+            self.fp8 = Fp8Split(options.coder, options.chunk_values)
+            self.encodings.append(self.fp8.get_config())
         self.stats = {CLASS_EXPERT: ClassStats(), CLASS_DENSE: ClassStats(), "files": ClassStats()}
         self.spec = options.slices
         self.routing = options.routing
@@ -339,10 +350,14 @@ class _Packer:
 
     # -- one part ---------------------------------------------------------------------------------------------------
 
-    def _encoding_of(self, tensor: SourceTensor) -> tuple[int, Bf16Split | Raw]:
-        return (0, self.bf16) if tensor.dtype == "BF16" else (len(self.encodings) - 1, self.raw)
+    def _encoding_of(self, tensor: SourceTensor) -> tuple[int, Bf16Split | Fp8Split | Raw]:
+        if tensor.dtype == "BF16":
+            return 0, self.bf16
+        if self.fp8 is not None and tensor.dtype == self.fp8.dtype:
+            return len(self.encodings) - 1, self.fp8
+        return self.raw_index, self.raw
 
-    def _encode_checked(self, data: np.ndarray, encoding: Bf16Split | Raw, label: str) -> EncodedPart:
+    def _encode_checked(self, data: np.ndarray, encoding: Bf16Split | Fp8Split | Raw, label: str) -> EncodedPart:
         encoded = encode_part(encoding, data, self.workers)
         view = PartView(encoding, 0, encoded.data.size, data.size, encoded.n_chunks, encoded.directory_xxh64, 0)
         decoded = self._scratch("_check_buffer", data.size)
@@ -387,7 +402,8 @@ class _Packer:
             self.entropy.setdefault(tensor.name, np.zeros(256, np.int64))
             self.entropy[tensor.name] += encoded.exponent_histogram
         cls = CLASS_EXPERT if tensor.name in self.layout.experts else CLASS_DENSE
-        self.stats[cls].add(size, encoded.data.size, encoded.exponent_histogram)
+        bf16_histogram = encoded.exponent_histogram if isinstance(encoding, Bf16Split) else None  # FP8: 4-bit fields
+        self.stats[cls].add(size, encoded.data.size, bf16_histogram)
         self.progress(size)
         return Blob(offset, nbytes, size, encoded.n_chunks, encoded.directory_xxh64)
 

@@ -20,7 +20,15 @@ import zstandard
 from zipmoe._threads import Workers, available_cpus
 from zipmoe.codecs.bf16 import entropy_bits, exponent_histogram
 from zipmoe.codecs.coders import ExponentCoder, parse_coder
-from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Bf16Split, PartView, decode_part, decode_parts, encode_parts
+from zipmoe.codecs.parts import (
+    DEFAULT_CHUNK_VALUES,
+    Bf16Split,
+    Fp8Split,
+    PartView,
+    decode_part,
+    decode_parts,
+    encode_parts,
+)
 from zipmoe.defaults import BENCH_CHUNK_VALUES as DEFAULT_CHUNKS
 from zipmoe.defaults import BENCH_CODERS as DEFAULT_CODERS
 from zipmoe.errors import CheckpointError, ZipmoeError
@@ -155,8 +163,9 @@ def _zipmoe_method(
     *,
     check: bool = True,
     encode: bool = True,
+    split: type[Bf16Split] | type[Fp8Split] = Bf16Split,
 ) -> _Method:
-    encoding = Bf16Split(coder, chunk_values)
+    encoding = split(coder, chunk_values)
     datas = [d for _, d in tensors]
     parts = encode_parts(encoding, datas, pools[1])
     views = [
@@ -183,7 +192,7 @@ def _zipmoe_method(
     return _Method(row, encode_all if encode else None, decode_all, tuple(pools))
 
 
-def _zstd_raw_method(tensors: list[tuple[str, np.ndarray]], level: int) -> _Method:
+def _zstd_raw_method(tensors: list[tuple[str, np.ndarray]], level: int, dtype: str = "BF16") -> _Method:
     compressor = zstandard.ZstdCompressor(level=level)
     decompressor = zstandard.ZstdDecompressor()
     frames = [compressor.compress(d) for _, d in tensors]
@@ -191,7 +200,9 @@ def _zstd_raw_method(tensors: list[tuple[str, np.ndarray]], level: int) -> _Meth
         if decompressor.decompress(frame) != d.tobytes():  # pragma: no cover - library bug
             raise AssertionError("zstd does not round-trip")
     source = sum(d.size for _, d in tensors)
-    row = Row(f"zstd-{level} on raw BF16 bytes", None, sum(len(f) for f in frames), source, label=f"zstd-{level}, raw")
+    row = Row(
+        f"zstd-{level} on raw {dtype} bytes", None, sum(len(f) for f in frames), source, label=f"zstd-{level}, raw"
+    )
     return _Method(
         row,
         lambda n: [compressor.compress(d) for _, d in tensors],
@@ -220,6 +231,26 @@ def _zipnn_method(tensors: list[tuple[str, np.ndarray]], thread_counts: list[int
         lambda n: [codecs[n].decompress(c) for c in compressed],
         tuple(thread_counts),
     )
+
+
+def time_methods(methods: list[_Method], thread_counts: list[int], repeat: int, note: Callable[[str], None]) -> None:
+    """Time every method's decode (``repeat`` rounds) and encode (at most 2) with each thread count, keeping each
+    one's best GB/s in its row.
+
+    Timed in rounds over all methods: a noisy moment on a shared machine then slows one round of every method instead
+    of all rounds of one.
+    """
+    for n in thread_counts:
+        for phase, runs in (("decode", repeat), ("encode", min(repeat, 2))):
+            note(f"timing {phase}, {n} thread(s), {runs} round(s)")
+            for _ in range(runs):
+                for m in methods:
+                    run = getattr(m, phase)
+                    if n not in m.threads or run is None:
+                        continue
+                    seconds = _seconds(lambda: run(n))
+                    speeds = m.row.decode_gbps if phase == "decode" else m.row.encode_gbps
+                    speeds[n] = max(speeds.get(n, 0.0), m.row.source_bytes / seconds / 1e9)
 
 
 def run_codec_bench(
@@ -285,19 +316,7 @@ def run_codec_bench(
             rows.append(zipnn)
         else:
             methods.append(zipnn)
-        # Timed in rounds over all methods, keeping each one's best: a noisy moment on a shared machine then slows
-        # one round of every method instead of all rounds of one.
-        for n in thread_counts:
-            for phase, runs in (("decode", repeat), ("encode", min(repeat, 2))):
-                note(f"timing {phase}, {n} thread(s), {runs} round(s)")
-                for _ in range(runs):
-                    for m in methods:
-                        run = getattr(m, phase)
-                        if n not in m.threads or run is None:
-                            continue
-                        seconds = _seconds(lambda: run(n))
-                        speeds = m.row.decode_gbps if phase == "decode" else m.row.encode_gbps
-                        speeds[n] = max(speeds.get(n, 0.0), m.row.source_bytes / seconds / 1e9)
+        time_methods(methods, thread_counts, repeat, note)
     finally:
         for pool in pools.values():
             pool.close()

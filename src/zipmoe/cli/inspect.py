@@ -94,8 +94,8 @@ def command(
 
 
 def _describe(config: dict) -> str:
-    if config["id"] == "bf16-split":
+    if config["id"] in ("bf16-split", "fp8-split"):
         coder = config["exponent_coder"]
         params = ", ".join(f"{k}={v}" for k, v in coder.items() if k != "id")
-        return f"bf16-split: exponents {coder['id']} ({params}), {config['chunk_values']} values per chunk"
+        return f"{config['id']}: exponents {coder['id']} ({params}), {config['chunk_values']} values per chunk"
     return f"{config['id']}: {config.get('chunk_bytes', '')} bytes per chunk"

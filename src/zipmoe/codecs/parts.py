@@ -1,6 +1,6 @@
 """Encoded tensor parts: the byte layout of one stored tensor (or one expert's slice of a fused tensor).
 
-Two encodings, each described by a JSON config stored in the manifest:
+Three encodings, each described by a JSON config stored in the manifest:
 
 ``bf16-split`` (BF16 tensors)::
 
@@ -9,6 +9,10 @@ Two encodings, each described by a JSON config stored in the manifest:
   Chunk ``c`` covers values ``c*chunk_values .. min(n, (c+1)*chunk_values)``. Its sign+mantissa bytes are that
   slice of the sign-mantissa stream; its exponent bytes are coded on their own by the exponent coder into payload
   ``c``. Payloads follow one another, each padded with zeros to a multiple of 8 bytes.
+
+``fp8-split`` (FP8 E4M3 tensors; `zipmoe.codecs.fp8`): the same layout, with a sign-mantissa *nibble* per value,
+  two to a byte (chunk ``c``'s are bytes ``c*chunk_values/2 ..`` of the plane), and the 4-bit exponent fields coded
+  by the same exponent coders.
 
 ``raw`` (every other dtype, embedded files, safetensors headers)::
 
@@ -26,7 +30,7 @@ Directory entry (little-endian, 24 bytes)::
     u32 payload_nbytes   bf16-split: coded exponent bytes of the chunk; raw: bytes of the chunk
     u32 reserved         0
     u64 payload_xxh64    XXH64 of the chunk's payload bytes
-    u64 plain_xxh64      bf16-split: XXH64 of the chunk's sign-mantissa bytes; raw: 0
+    u64 plain_xxh64      bf16-split, fp8-split: XXH64 of the chunk's sign-mantissa bytes; raw: 0
 
 The manifest records each part's offset, size, chunk count and the XXH64 of its directory, so every byte of a part
 is covered by a checksum.
@@ -42,6 +46,7 @@ import numpy as np
 from numba import njit
 
 from zipmoe._threads import Workers
+from zipmoe.codecs import fp8
 from zipmoe.codecs.bf16 import extract_sign_mantissa, widen_bf16
 from zipmoe.codecs.checksum import xxh64
 from zipmoe.codecs.coders import PAYLOAD, PLAIN, ChunkLayout, ExponentCoder, RansCoder, coder_from_config
@@ -68,12 +73,13 @@ def _check_chunk_size(kind: str, size: Any) -> int:
 
 
 @dataclass(frozen=True)
-class Bf16Split:
-    """BF16 values split into raw sign+mantissa bytes and chunk-coded exponent bytes."""
+class _Split:
+    """Values split into a raw sign+mantissa plane and chunk-coded exponents (bf16-split, fp8-split)."""
 
     coder: ExponentCoder = RansCoder()
     chunk_values: int = DEFAULT_CHUNK_VALUES
-    encoding_id: ClassVar[str] = "bf16-split"
+    encoding_id: ClassVar[str]
+    dtype: ClassVar[str]  # the safetensors dtype it encodes
 
     def __post_init__(self) -> None:
         _check_chunk_size("chunk_values", self.chunk_values)
@@ -82,11 +88,48 @@ class Bf16Split:
         return {"id": self.encoding_id, "exponent_coder": self.coder.get_config(), "chunk_values": self.chunk_values}
 
     def n_chunks(self, nbytes: int) -> int:
-        return -(-(nbytes // 2) // self.chunk_values)
+        return -(-self.n_values(nbytes) // self.chunk_values)
+
+    def n_values(self, nbytes: int) -> int:
+        """Values in a part of ``nbytes`` decoded bytes."""
+        raise NotImplementedError
+
+    def plane_nbytes(self, nbytes: int) -> int:
+        """Bytes of the sign-mantissa plane of a part of ``nbytes`` decoded bytes."""
+        raise NotImplementedError
 
     @property
     def label(self) -> str:
-        return f"bf16-split/{self.coder.label}"
+        return f"{self.encoding_id}/{self.coder.label}"
+
+
+@dataclass(frozen=True)
+class Bf16Split(_Split):
+    """BF16 values split into raw sign+mantissa bytes and chunk-coded exponent bytes."""
+
+    encoding_id: ClassVar[str] = "bf16-split"
+    dtype: ClassVar[str] = "BF16"
+
+    def n_values(self, nbytes: int) -> int:
+        return nbytes // 2
+
+    def plane_nbytes(self, nbytes: int) -> int:
+        return nbytes // 2  # one byte per value
+
+
+@dataclass(frozen=True)
+class Fp8Split(_Split):
+    """FP8 E4M3 values split into raw sign+mantissa nibbles, two per byte, and chunk-coded 4-bit exponent fields
+    (`zipmoe.codecs.fp8`); the layout, chunking and checksums of bf16-split."""
+
+    encoding_id: ClassVar[str] = "fp8-split"
+    dtype: ClassVar[str] = "F8_E4M3"
+
+    def n_values(self, nbytes: int) -> int:
+        return nbytes
+
+    def plane_nbytes(self, nbytes: int) -> int:
+        return (nbytes + 1) // 2  # two values per byte
 
 
 @dataclass(frozen=True)
@@ -110,7 +153,7 @@ class Raw:
         return "raw"
 
 
-Encoding = Bf16Split | Raw
+Encoding = Bf16Split | Fp8Split | Raw
 
 
 def encoding_from_config(config: Any) -> Encoding:
@@ -118,24 +161,25 @@ def encoding_from_config(config: Any) -> Encoding:
     if not isinstance(config, dict):
         raise FormatError(f"encoding config must be an object, got {config!r}")
     kind = config.get("id")
-    if kind == Bf16Split.encoding_id:
+    for split in (Bf16Split, Fp8Split):
+        if kind != split.encoding_id:
+            continue
         if set(config) != {"id", "exponent_coder", "chunk_values"}:
-            raise FormatError(
-                f"bf16-split encoding: expected keys id, exponent_coder, chunk_values, got {sorted(config)}"
-            )
-        return Bf16Split(coder_from_config(config["exponent_coder"]), config["chunk_values"])
+            raise FormatError(f"{kind} encoding: expected keys id, exponent_coder, chunk_values, got {sorted(config)}")
+        return split(coder_from_config(config["exponent_coder"]), config["chunk_values"])
     if kind == Raw.encoding_id:
         if set(config) != {"id", "chunk_bytes"}:
             raise FormatError(f"raw encoding: expected keys id, chunk_bytes, got {sorted(config)}")
         return Raw(config["chunk_bytes"])
-    raise UnknownCodecError(f"unknown tensor encoding {kind!r} (known: bf16-split, raw)")
+    raise UnknownCodecError(f"unknown tensor encoding {kind!r} (known: bf16-split, fp8-split, raw)")
 
 
 def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int, plane_apart: bool = False) -> str | None:
     """Why ``nbytes`` stored bytes in ``n_chunks`` chunks cannot decode to ``size`` bytes, or None if they can.
 
     Checked before anything of ``size`` bytes is allocated: a part decodes to at most twice its stored bytes
-    (bf16-split keeps a sign-mantissa byte per value), so a valid size is bounded by the file it lies in. With
+    (bf16-split keeps a sign-mantissa byte per value, fp8-split a nibble), so a valid size is bounded by the file
+    it lies in. With
     ``plane_apart`` (a split bf16 part) ``nbytes`` covers directory and payloads only; the ``pad8(size / 2)`` bytes
     of the plane, stored elsewhere, are bounded by the caller.
     """
@@ -146,6 +190,9 @@ def size_problem(encoding: Encoding, nbytes: int, size: int, n_chunks: int, plan
     if isinstance(encoding, Raw):
         if nbytes != dir_nbytes + size:
             return f"a raw part of {size} bytes is {dir_nbytes + size} bytes stored, the manifest records {nbytes}"
+    elif isinstance(encoding, Fp8Split):
+        if plane_apart or nbytes < dir_nbytes + pad8(encoding.plane_nbytes(size)):
+            return f"{nbytes} stored bytes cannot hold {size} bytes of FP8 values"
     elif size % 2 or nbytes < dir_nbytes + (0 if plane_apart else pad8(size // 2)):
         return f"{nbytes} stored bytes cannot hold {size} bytes of BF16 values"
     return None
@@ -241,7 +288,7 @@ def encode_parts(encoding: Encoding, datas: Sequence[np.ndarray], workers: Worke
     """Encode several parts at once, the chunks of all of them spread over the worker threads."""
     if isinstance(encoding, Raw):
         return [_encode_raw(encoding, d) for d in datas]
-    return _encode_bf16(encoding, [d.view(np.uint16) for d in datas], workers)
+    return _encode_split(encoding, list(datas), workers)
 
 
 def _finish(blob: np.ndarray, directory: np.ndarray) -> int:
@@ -264,13 +311,16 @@ def _encode_raw(encoding: Raw, data: np.ndarray) -> EncodedPart:
     return EncodedPart(blob, n_chunks, _finish(blob, directory), None)
 
 
-def _bf16_layout(n_values: int, payload_nbytes: np.ndarray, plane_apart: bool = False) -> tuple[int, np.ndarray, int]:
-    """(sm_start, payload_starts, total size) of a bf16-split part; with ``plane_apart`` the plane is not between
-    the directory and the payloads (and not counted in the total)."""
+def _bf16_layout(
+    plane_nbytes: int, payload_nbytes: np.ndarray, plane_apart: bool = False
+) -> tuple[int, np.ndarray, int]:
+    """(sm_start, payload_starts, total size) of a bf16-split (or fp8-split) part whose sign-mantissa plane holds
+    ``plane_nbytes``; with ``plane_apart`` the plane is not between the directory and the payloads (and not counted
+    in the total)."""
     sm_start = payload_nbytes.size * DIRECTORY_ENTRY.itemsize
     padded = (payload_nbytes.astype(np.int64) + 7) & ~7
     starts = np.empty(payload_nbytes.size, np.int64)
-    first = sm_start + (0 if plane_apart else pad8(n_values))
+    first = sm_start + (0 if plane_apart else pad8(plane_nbytes))
     if starts.size:
         starts[0] = first
         np.cumsum(padded[:-1], out=starts[1:])
@@ -278,26 +328,37 @@ def _bf16_layout(n_values: int, payload_nbytes: np.ndarray, plane_apart: bool = 
     return sm_start, starts, first + int(padded.sum())
 
 
-def _encode_bf16(encoding: Bf16Split, parts: list[np.ndarray], workers: Workers) -> list[EncodedPart]:
+def _encode_split(encoding: Bf16Split | Fp8Split, datas: list[np.ndarray], workers: Workers) -> list[EncodedPart]:
     coder, cv = encoding.coder, encoding.chunk_values
-    counts = [encoding.n_chunks(v.nbytes) for v in parts]
+    counts = [encoding.n_chunks(d.size) for d in datas]
+    if isinstance(encoding, Fp8Split):  # the coders read exponents from uint16 words, where BF16 keeps them
+        parts, assemble = datas, fp8.assemble_fp8
+        values = [np.empty(d.size, np.uint16) for d in datas]
+        workers.run_segments(
+            lambda i, a, b: fp8.exponent_words(datas[i][a * cv : b * cv], values[i][a * cv : b * cv]),
+            counts,
+            max(1, _TASK_VALUES // cv),
+        )
+    else:
+        parts = values = [d.view(np.uint16) for d in datas]
+        assemble = _assemble_bf16
     slot_nbytes = pad8(coder.max_payload_nbytes(cv))
     slots = [np.empty(n * slot_nbytes, np.uint8) for n in counts]
     sizes = [np.zeros(n, np.int64) for n in counts]
     histograms = [np.zeros((n, 256), np.int64) for n in counts]
     min_chunks = max(1, _TASK_VALUES // cv)
     workers.run_segments(
-        lambda i, a, b: coder.encode_chunks(parts[i], cv, a, b, slots[i], slot_nbytes, sizes[i], histograms[i]),
+        lambda i, a, b: coder.encode_chunks(values[i], cv, a, b, slots[i], slot_nbytes, sizes[i], histograms[i]),
         counts,
         min_chunks,
     )
-    layouts = [_bf16_layout(v.size, z) for v, z in zip(parts, sizes)]
+    layouts = [_bf16_layout(encoding.plane_nbytes(d.size), z) for d, z in zip(datas, sizes)]
     blobs = [np.zeros(total, np.uint8) for _, _, total in layouts]
     directories = [np.zeros(n, DIRECTORY_ENTRY) for n in counts]
     payload_xxh64 = [np.zeros(n, np.uint64) for n in counts]
     plain_xxh64 = [np.zeros(n, np.uint64) for n in counts]
     workers.run_segments(
-        lambda i, a, b: _assemble_bf16(
+        lambda i, a, b: assemble(
             parts[i], cv, a, b, slots[i], slot_nbytes, sizes[i], blobs[i], layouts[i][0], layouts[i][1],
             payload_xxh64[i], plain_xxh64[i],
         ),
@@ -381,20 +442,25 @@ class _Layout:
                 raise FormatError(f"raw part at file offset {part.file_offset}: directory sizes do not add up")
             self.payload_starts = base + dir_nbytes + chunk_starts
         else:
-            n_values = part.size // 2
-            if part.size % 2 or payload_nbytes.max(initial=0) > enc.coder.max_payload_nbytes(enc.chunk_values):
-                raise FormatError(f"bf16 part at file offset {part.file_offset}: inconsistent sizes")
-            sm_start, starts, total = _bf16_layout(n_values, payload_nbytes, apart)
+            kind = "fp8" if isinstance(enc, Fp8Split) else "bf16"
+            n_values = enc.n_values(part.size)
+            if (kind == "bf16" and part.size % 2) or payload_nbytes.max(initial=0) > enc.coder.max_payload_nbytes(
+                enc.chunk_values
+            ):
+                raise FormatError(f"{kind} part at file offset {part.file_offset}: inconsistent sizes")
+            sm_start, starts, total = _bf16_layout(enc.plane_nbytes(part.size), payload_nbytes, apart)
             if total != part.nbytes:
                 raise FormatError(
-                    f"bf16 part at file offset {part.file_offset}: directory describes {total} bytes, "
+                    f"{kind} part at file offset {part.file_offset}: directory describes {total} bytes, "
                     f"manifest records {part.nbytes}"
                 )
             self.sm_start = part.plane if apart else base + sm_start
             self.payload_starts = base + starts
             chunk_lo = np.arange(part.n_chunks, dtype=np.int64) * enc.chunk_values
-            self.plain_starts = self.sm_start + chunk_lo
-            self.plain_sizes = np.minimum(n_values - chunk_lo, enc.chunk_values)
+            chunk_n = np.minimum(n_values - chunk_lo, enc.chunk_values)
+            # The plane bytes of each chunk: a byte per BF16 value, a nibble per FP8 value (chunks of an even count).
+            self.plain_starts = self.sm_start + (chunk_lo // 2 if kind == "fp8" else chunk_lo)
+            self.plain_sizes = (chunk_n + 1) // 2 if kind == "fp8" else chunk_n
             self.chunks = ChunkLayout(
                 self.payload_starts, payload_nbytes, self.payload_xxh64, self.plain_xxh64, self.sm_start,
                 enc.chunk_values, n_values, self.plane_buf,
@@ -406,9 +472,11 @@ class _Layout:
         self.bad_plain = np.zeros(n, np.bool_) if self.plain_starts is not None else None
         self.bad_padding = np.zeros(n, np.bool_)
         if self.plain_starts is not None and n:  # the zero bytes after the sign-mantissa plane belong to the last chunk
-            plane_end = self.sm_start + part.size // 2
+            plane_end = self.sm_start + enc.plane_nbytes(part.size)
             self.bad_padding[-1] = bool(self.plane_buf[plane_end : (plane_end + 7) & ~7].any())
-        self.min_chunks = max(1, _TASK_VALUES // enc.chunk_values) if isinstance(enc, Bf16Split) else 1
+            if isinstance(enc, Fp8Split) and part.size % 2:  # and the unused high nibble of an odd count's last byte
+                self.bad_padding[-1] |= bool(self.plane_buf[plane_end - 1] & 0xF0)
+        self.min_chunks = max(1, _TASK_VALUES // enc.chunk_values) if not isinstance(enc, Raw) else 1
 
     def scan(self, buf: np.ndarray, first: int, last: int) -> int:
         """Check the checksums of chunks ``first..last-1`` (flags in ``bad_payload``/``bad_plain``); count failures."""
@@ -485,7 +553,8 @@ def decode_parts(
             at ``part.plane``.
         workers: the threads.
         check: verify every chunk's checksums just before decoding it.
-        widen: the parts hold BF16 values; write them as float32 (``out`` is then ``2 * part.size`` bytes).
+        widen: the parts hold BF16 (or raw 16-bit) values; write them as float32 (``out`` is then ``2 * part.size``
+            bytes). Not for fp8-split parts (`zipmoe.runtime.fp8` dequantizes those).
 
     Raises:
         ChecksumError: a checksum does not match, or a payload does not decode; the message names the part, the
@@ -495,6 +564,8 @@ def decode_parts(
     items = [(item[0], item[1], item[2], item[3], item[4] if len(item) > 4 else None) for item in items]
     layouts = []
     for buf, part, _, label, planes in items:
+        if widen and isinstance(part.encoding, Fp8Split):
+            raise FormatError(_labelled(label, "fp8-split parts cannot be widened to float32"))
         try:
             layouts.append(_Layout(buf, part, planes))
         except FormatError as exc:
@@ -514,6 +585,8 @@ def decode_parts(
             else:
                 out[lo:hi] = buf[start + lo : start + hi]
             return -1, "", ""
+        if isinstance(enc, Fp8Split):
+            return fp8.decode_chunks(enc.coder, buf, layout.chunks, first, last, out, check)
         return enc.coder.decode_chunks(
             buf, layout.chunks, first, last, out.view(np.uint32 if widen else np.uint16), check
         )
@@ -544,14 +617,15 @@ def warm_up() -> None:
     """
     workers = Workers(1)
     values = (np.arange(4096, dtype=np.uint16) * 7919) & 0x3FFF | 0x3C00
-    data = values.view(np.uint8)
-    for encoding in (Bf16Split(RansCoder(), 1024), Raw(1024)):
+    fp8_data = (values & 0xFF).astype(np.uint8)[:4095]  # an odd count: the half-filled last nibble byte too
+    for encoding in (Bf16Split(RansCoder(), 1024), Raw(1024), Fp8Split(RansCoder(), 1024)):
+        data = fp8_data if isinstance(encoding, Fp8Split) else values.view(np.uint8)
         part = encode_part(encoding, data, workers)
         for writable in (True, False):  # containers are read through read-only memory maps
             buf = part.data.copy()
             buf.setflags(write=writable)
             view = PartView(encoding, 0, buf.size, data.size, part.n_chunks, part.directory_xxh64, 0)
-            for widen in (False, True):  # widen: BF16 straight to float32 (the CPU runtime)
+            for widen in (False, True) if not isinstance(encoding, Fp8Split) else (False,):  # BF16 -> float32
                 decode_parts([(buf, view, np.empty(data.size * (1 + widen), np.uint8), "")], workers, widen=widen)
             check_part(buf, view, workers)
         if isinstance(encoding, Bf16Split):  # split records: exponents and planes in buffers of either kind

@@ -19,7 +19,16 @@ import numpy as np
 
 from zipmoe._threads import Workers
 from zipmoe.codecs.checksum import checksum
-from zipmoe.codecs.parts import Bf16Split, Encoding, PartView, decode_part, decode_parts, pad8, size_problem
+from zipmoe.codecs.parts import (
+    Bf16Split,
+    Encoding,
+    Fp8Split,
+    PartView,
+    decode_part,
+    decode_parts,
+    pad8,
+    size_problem,
+)
 from zipmoe.errors import CheckpointError, ChecksumError, FormatError
 from zipmoe.formats.constants import (
     CLASS_DENSE,
@@ -202,8 +211,8 @@ class Container:
                 raise FormatError(
                     f"{name}: tensor {t.name!r}: {t.dtype} {list(t.shape)} is {expected} bytes, parts hold {t.size}"
                 )
-            if isinstance(encoding, Bf16Split) and t.dtype != "BF16":
-                raise FormatError(f"{name}: tensor {t.name!r}: bf16-split encoding on a {t.dtype} tensor")
+            if isinstance(encoding, Bf16Split | Fp8Split) and t.dtype != encoding.dtype:
+                raise FormatError(f"{name}: tensor {t.name!r}: {encoding.encoding_id} encoding on a {t.dtype} tensor")
             if any(p.plane is not None for p in t.parts) and (
                 t.tensor_class != CLASS_EXPERT or not isinstance(encoding, Bf16Split)
             ):

@@ -11,28 +11,33 @@ This module does not import torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from zipmoe.errors import ZipmoeError
+from zipmoe.runtime.block_args import MlaArgs, RouterArgs
+from zipmoe.runtime.deepseek_config import DEEPSEEK, deepseek_values
+from zipmoe.runtime.fields import (
+    MAX_CONTEXT,
+    MAX_EXPERTS,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_INTERMEDIATE,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    Fields,
+    first_set,
+    show,
+)  # fmt: skip
+from zipmoe.runtime.rope_config import RopeArgs, parse_rope
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", *DEEPSEEK)
 
-# Caps on what a config.json may claim. The largest published MoE models are far below each (DeepSeek-V3: 61 layers,
-# hidden 7168, 128 heads, 256 experts of 2048, vocabulary 129,280; Llama 4 Scout: 10M context), so a value above a
-# cap is a corrupt or hostile file.
-MAX_LAYERS = 1024
-MAX_HIDDEN = 65_536
-MAX_HEADS = 1024
-MAX_HEAD_DIM = 1024
-MAX_EXPERTS = 4096
-MAX_INTERMEDIATE = 262_144
-MAX_VOCAB = 4_194_304
-MAX_CONTEXT = 16_777_216
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # max_position_embeddings when a config.json has none: the defaults of the transformers config classes.
-DEFAULT_CONTEXT = {"mixtral": 131_072, "qwen2_moe": 32_768, "qwen3_moe": 32_768, "olmoe": 4096}
+DEFAULT_CONTEXT = {"mixtral": 131_072, "qwen2_moe": 32_768, "qwen3_moe": 32_768, "olmoe": 4096, "deepseek_v2": 2048,
+                   "deepseek_v3": 4096}  # fmt: skip
 
 
 class UnsupportedModelError(ZipmoeError, ValueError):
@@ -51,14 +56,15 @@ class ModelArgs:
     n_kv_heads: int
     head_dim: int
     rms_eps: float
-    rope_theta: float
+    rope: RopeArgs
     n_experts: int
     top_k: int
     moe_intermediate: int  # per routed expert
     norm_topk_prob: bool  # renormalise the top-k routing weights to sum to one
     sparse_layers: tuple[bool, ...]  # True: MoE block; False: a dense MLP of `dense_intermediate`
     dense_intermediate: int
-    shared_expert_intermediate: int  # 0: no shared expert (Qwen2-MoE has one, behind a sigmoid gate)
+    shared_expert_intermediate: int  # 0: none; Qwen2-MoE's is gated, DeepSeek's n_shared_experts are one MLP
+    shared_expert_gated: bool  # Qwen2-MoE: mlp.shared_expert behind a sigmoid gate; DeepSeek: mlp.shared_experts
     qkv_bias: bool
     o_bias: bool
     qk_norm: str | None  # None, "head" (Qwen3-MoE: per head) or "full" (OLMoE: over all q / k features)
@@ -67,6 +73,13 @@ class ModelArgs:
     tie_embeddings: bool
     eos_token_ids: tuple[int, ...]
     context: int  # max_position_embeddings: the most tokens one sequence may hold
+    router: RouterArgs
+    mla: MlaArgs | None = None  # multi-head latent attention (DeepSeek) instead of grouped-query attention
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the last one (DeepSeek-V3), not run
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
 
     @property
     def expert_params(self) -> int:
@@ -105,101 +118,11 @@ def read_token_ids(doc: dict[str, Any], key: str, vocab_size: int, file: str) ->
     Raises:
         UnsupportedModelError: not an id in ``0..vocab_size-1`` or a list of them.
     """
-    fields = _Fields(doc, file)
+    fields = Fields(doc, file)
     ids = fields.token_ids(key, vocab_size)
     if fields.problems:
         raise UnsupportedModelError(fields.problems[0])
     return ids
-
-
-class _Fields:
-    """Reads fields of a JSON object with their types and ranges checked. A missing or null field takes its default;
-    a bad one is recorded as a one-line problem and read as None."""
-
-    def __init__(self, doc: dict[str, Any], file: str = "config.json", problems: list[str] | None = None) -> None:
-        self.doc, self.file = doc, file
-        self.problems = [] if problems is None else problems
-
-    def fail(self, message: str) -> None:
-        self.problems.append(f"{self.file}: {message}")
-
-    def bad(self, key: str, expected: str, value: Any) -> None:
-        self.fail(f"{key!r} must be {expected}, got {_show(value)}")
-
-    def integer(self, key: str, low: int, high: int, default: Any = ...) -> int | None:
-        value = self.doc.get(key)
-        if value is None:
-            if default is ...:
-                self.fail(f"{key!r} is missing (an integer in {low}..{high})")
-                return None
-            return default
-        if not (_is_int(value) and low <= value <= high):
-            return self.bad(key, f"an integer in {low}..{high}", value)
-        return value
-
-    def number(self, key: str, default: float | None, below: float = math.inf) -> float | None:
-        """A finite number in ``(0, below)``."""
-        value = self.doc.get(key)
-        if value is None:
-            return default
-        if not (_is_finite(value) and 0 < value < below):
-            return self.bad(key, "a finite number > 0" + (f" and < {below:g}" if below < math.inf else ""), value)
-        return float(value)
-
-    def flag(self, key: str, default: bool) -> bool | None:
-        value = self.doc.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            return self.bad(key, "true or false", value)
-        return value
-
-    def integers(self, key: str, low: int, high: int) -> list[int] | None:
-        value = self.doc.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(_is_int(v) and low <= v <= high for v in value):
-            return self.bad(key, f"a list of integers in {low}..{high}", value)
-        return value
-
-    def choices(self, key: str, allowed: tuple[str, ...], length: int | None) -> list[str] | None:
-        value = self.doc.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or len(value) != (length or len(value)) or not all(v in allowed for v in value):
-            return self.bad(key, f"a list of {length} values from {', '.join(allowed)}", value)
-        return value
-
-    def token_ids(self, key: str, vocab_size: int | None) -> tuple[int, ...] | None:
-        value = self.doc.get(key)
-        if value is None:
-            return ()
-        high = (vocab_size or MAX_VOCAB) - 1
-        ids = value if isinstance(value, list) else [value]
-        if not all(_is_int(i) and 0 <= i <= high for i in ids):
-            return self.bad(key, f"a token id in 0..{high} or a list of them", value)
-        return tuple(ids)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _first_set(doc: dict[str, Any], key: str, fallback: str) -> str:
-    return key if doc.get(key) is not None else fallback
-
-
-def _is_finite(value: Any) -> bool:
-    """A JSON number that converts to a finite float."""
-    return isinstance(value, float) and math.isfinite(value) or _is_int(value) and value.bit_length() < 1024
-
-
-def _show(value: Any) -> str:
-    """A short repr of an untrusted value (huge integers and long lists are summarised)."""
-    if _is_int(value) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value) if not isinstance(value, (list, dict)) or len(value) <= 16 else f"a {type(value).__name__}"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse(config: Any) -> tuple[ModelArgs | None, list[str]]:
@@ -210,32 +133,36 @@ def _parse(config: Any) -> tuple[ModelArgs | None, list[str]]:
     family = config.get("model_type")
     if family not in SUPPORTED:
         return None, [
-            f"zipmoe run does not support model_type {_show(family)} (supported: {', '.join(SUPPORTED)}); "
+            f"zipmoe run does not support model_type {show(family)} (supported: {', '.join(SUPPORTED)}); "
             "the container itself is fine and unpacks losslessly"
         ]
-    f = _Fields(config)
+    f = Fields(config)
     n_layers = f.integer("num_hidden_layers", 1, MAX_LAYERS)
     hidden = f.integer("hidden_size", 1, MAX_HIDDEN)
     vocab = f.integer("vocab_size", 1, MAX_VOCAB)
+    context = f.integer("max_position_embeddings", 1, MAX_CONTEXT, DEFAULT_CONTEXT[family])
+    if family in DEEPSEEK:
+        blocks = deepseek_values(f, family, n_layers)
+    else:
+        blocks = {**_attention(f, family, hidden, n_layers), **_experts(f, family, n_layers), "router": _router(family)}
     values = dict(
         family=family,
         vocab_size=vocab,
         hidden_size=hidden,
         n_layers=n_layers,
-        **_attention(f, family, hidden, n_layers),
-        **_experts(f, family, n_layers),
+        **blocks,
         rms_eps=f.number("rms_norm_eps", 1e-6, below=1.0),
-        rope_theta=_rope_theta(f),
+        rope=parse_rope(f, context, DEEPSEEK, family),
         tie_embeddings=f.flag("tie_word_embeddings", False),
         eos_token_ids=f.token_ids("eos_token_id", vocab),
-        context=f.integer("max_position_embeddings", 1, MAX_CONTEXT, DEFAULT_CONTEXT[family]),
+        context=context,
     )
     if f.problems:
         return None, f.problems
     return ModelArgs(**values), []
 
 
-def _attention(f: _Fields, family: str, hidden: int | None, n_layers: int | None) -> dict[str, Any]:
+def _attention(f: Fields, family: str, hidden: int | None, n_layers: int | None) -> dict[str, Any]:
     n_heads = f.integer("num_attention_heads", 1, MAX_HEADS)
     n_kv_heads = f.integer("num_key_value_heads", 1, MAX_HEADS, default=n_heads)
     if n_heads and n_kv_heads and n_heads % n_kv_heads:
@@ -265,7 +192,7 @@ def _attention(f: _Fields, family: str, hidden: int | None, n_layers: int | None
     )
 
 
-def _windows(f: _Fields, family: str, n_layers: int | None) -> tuple[int | None, ...] | None:
+def _windows(f: Fields, family: str, n_layers: int | None) -> tuple[int | None, ...] | None:
     """The sliding attention window of each layer, None for full causal attention."""
     window = f.integer("sliding_window", 0, MAX_CONTEXT, default=0)  # 0 or null: none (Qwen2-MoE configs write 0)
     use = f.flag("use_sliding_window", False)
@@ -283,19 +210,20 @@ def _windows(f: _Fields, family: str, n_layers: int | None) -> tuple[int | None,
     return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
 
 
-def _experts(f: _Fields, family: str, n_layers: int | None) -> dict[str, Any]:
+def _experts(f: Fields, family: str, n_layers: int | None) -> dict[str, Any]:
     if family == "mixtral":  # Mixtral always renormalises the top-k weights and has no shared expert
         n_experts = f.integer("num_local_experts", 1, MAX_EXPERTS)
         moe_intermediate = dense_intermediate = f.integer("intermediate_size", 1, MAX_INTERMEDIATE)
         norm_topk, shared = True, 0
     else:  # Hub configs say num_experts; transformers 5 saves Qwen3-MoE's as num_local_experts
-        n_experts = f.integer(_first_set(f.doc, "num_experts", "num_local_experts"), 1, MAX_EXPERTS)
+        n_experts = f.integer(first_set(f.doc, "num_experts", "num_local_experts"), 1, MAX_EXPERTS)
         moe_intermediate = f.integer(
-            _first_set(f.doc, "moe_intermediate_size", "intermediate_size"), 1, MAX_INTERMEDIATE
+            first_set(f.doc, "moe_intermediate_size", "intermediate_size"), 1, MAX_INTERMEDIATE
         )
         dense_intermediate = f.integer("intermediate_size", 0, MAX_INTERMEDIATE, default=0)
         norm_topk = f.flag("norm_topk_prob", False)
         shared = f.integer("shared_expert_intermediate_size", 0, MAX_INTERMEDIATE, 0) if family == "qwen2_moe" else 0
+    gated = family == "qwen2_moe"
     sparse = _sparse_layers(f, family, n_layers)
     if sparse is not None and not all(sparse) and dense_intermediate == 0:
         f.bad("intermediate_size", "a positive integer: some layers are dense MLPs (mlp_only_layers)", 0)
@@ -307,10 +235,11 @@ def _experts(f: _Fields, family: str, n_layers: int | None) -> dict[str, Any]:
         sparse_layers=sparse,
         dense_intermediate=dense_intermediate,
         shared_expert_intermediate=shared,
+        shared_expert_gated=gated,
     )
 
 
-def _sparse_layers(f: _Fields, family: str, n_layers: int | None) -> tuple[bool, ...] | None:
+def _sparse_layers(f: Fields, family: str, n_layers: int | None) -> tuple[bool, ...] | None:
     """For each layer, whether it is a MoE block (Qwen-MoE: every ``decoder_sparse_step``-th, but mlp_only_layers)."""
     if family not in ("qwen2_moe", "qwen3_moe"):
         return None if n_layers is None else (True,) * n_layers
@@ -321,19 +250,10 @@ def _sparse_layers(f: _Fields, family: str, n_layers: int | None) -> tuple[bool,
     dense_layers = set(dense)
     sparse = tuple(layer not in dense_layers and (layer + 1) % step == 0 for layer in range(n_layers))
     if not any(sparse):
-        f.fail(f"decoder_sparse_step {step} and mlp_only_layers {_show(dense)} leave no MoE layer")
+        f.fail(f"decoder_sparse_step {step} and mlp_only_layers {show(dense)} leave no MoE layer")
     return sparse
 
 
-def _rope_theta(f: _Fields) -> float | None:
-    key = "rope_parameters" if f.doc.get("rope_parameters") is not None else "rope_scaling"
-    rope = f.doc.get(key) or {}
-    if not isinstance(rope, dict):
-        return f.bad(key, "an object", rope)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        return f.fail(f"rope_type {_show(rope_type)} is not supported (only 'default')")
-    inner = _Fields(rope, f"{f.file} {key}", f.problems)
-    if rope.get("rope_theta") is not None:
-        return inner.number("rope_theta", None)
-    return f.number("rope_theta", 10000.0)
+def _router(family: str) -> RouterArgs:
+    """The GQA families route by softmax top-k; Mixtral keeps the weights in float32."""
+    return RouterArgs(float32_weights=family == "mixtral")

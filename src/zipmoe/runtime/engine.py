@@ -29,7 +29,7 @@ from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
 from zipmoe.runtime.storage import IO_MODES, Storage
 from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
-from zipmoe.runtime.weights import base_transform, check_tensors, to_tensor
+from zipmoe.runtime.weights import base_transform, check_tensors, resident, runs_tensor, to_tensor
 from zipmoe.sizes import parse_size  # sizes are read in one place; also importable from here as before
 from zipmoe.summary import manifest_sha256
 
@@ -248,7 +248,9 @@ class Engine:
             self.source = SliceExperts(
                 self.container, self.args, self.device, self.dtype, self.storage, self.workers, self.slice_mode
             )
-        self.expert_bf16_bytes = self.source.source_nbytes * len(self.container.experts)
+        # the routed experts the model runs (not those of a multi-token-prediction layer after the last one)
+        self.n_experts = sum(1 for layer, _ in self.container.experts if layer < self.args.n_layers)
+        self.expert_bf16_bytes = self.source.source_nbytes * self.n_experts
         self.reservation = self.source.reservation(self.args.top_k)
         if options.plan is not None and self.slice_mode != "lossless":
             raise ModeError("--plan applies to lossless mode (the slice modes have their own cache policy)")
@@ -350,7 +352,7 @@ class Engine:
         if isinstance(self.source, SliceExperts):
             everything = sum(r.nbytes for r in self.container.manifest.slice_records)
         else:
-            everything = len(self.container.experts) * self.source.decoded_nbytes
+            everything = self.n_experts * self.source.decoded_nbytes
         cap = available_memory() // 2
         reserve = self.reservation
         return max(reserve, min(everything + reserve, cap) if cap else everything + reserve)
@@ -361,9 +363,11 @@ class Engine:
     def _load_dense(self) -> dict[str, torch.Tensor]:
         weights = {}
         for tensor in self.container.dense_tensors():
+            if not runs_tensor(self.args, tensor.name):  # DeepSeek-V3's multi-token-prediction layer
+                continue
             data = self.container.read_tensor(tensor.name)
             t = to_tensor(data, tensor.dtype, tensor.shape)
-            weights[tensor.name] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+            weights[tensor.name] = resident(self.args, tensor.name, t, self.device, self.dtype)
         self.container.release(0, self.container.header.file_nbytes)  # the mapped pages; the weights are copies
         return weights
 
@@ -458,7 +462,8 @@ def expert_bytes_summary(engine: Engine) -> dict[str, Any]:
         "expert_decoded_bytes": engine.source.decoded_nbytes,
         "expert_record_bytes": dict(record) if isinstance(record, dict) else record,
         "all_experts_bf16_bytes": engine.expert_bf16_bytes,
-        "n_experts": len(engine.container.experts),
+        "n_experts": engine.n_experts,
+        "kv_cache_bytes_per_token": engine.model.cache_bytes_per_token,
         "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device),
     }

@@ -24,7 +24,7 @@ from zipmoe.formats.reader import SmallTensor
 from zipmoe.quant.amat import base_quantized
 from zipmoe.quant.spec import SliceSpec
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
-from zipmoe.runtime.model import ExpertWeights, router_name
+from zipmoe.runtime.model import ExpertWeights, correction_bias_name, router_name
 
 _TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -89,12 +89,14 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
     dense: dict[str, torch.Tensor] = {}
     members: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
     for name, (file_index, t) in ckpt.tensors.items():
+        if not runs_tensor(args, name):
+            continue
         data = np.empty(t.nbytes, np.uint8)
         ckpt.files[file_index].read_into(t.start, data)
         tensor = to_tensor(data, t.dtype, t.shape)
         placement = layout.experts.get(name)
         if placement is None:
-            dense[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            dense[name] = resident(args, name, tensor, device, dtype)
         elif placement.expert is not None:
             members.setdefault((placement.layer, placement.expert), []).append((name, tensor))
         else:
@@ -102,6 +104,24 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
                 members.setdefault((placement.layer, e), []).append((name, tensor[e]))
     experts = {key: assemble_expert(m, args, device, dtype) for key, m in members.items()}
     return args, dense, experts
+
+
+def runs_tensor(args: ModelArgs, name: str) -> bool:
+    """Whether the model reads tensor ``name``: False for the multi-token-prediction layers DeepSeek-V3 stores
+    after its last layer (packed and unpacked like every tensor, never loaded)."""
+    m = _LAYER.match(name)
+    return m is None or int(m[1]) < args.n_layers
+
+
+def resident(
+    args: ModelArgs, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dense tensor ``name`` as the model holds it on ``device``: floats in the compute ``dtype``, except the
+    routers of DeepSeek, which compute in float32 and keep their stored float32 weights (as transformers does)."""
+    if not tensor.is_floating_point():
+        return tensor.to(device=device)
+    keep = args.router.float32_logits and tensor.dtype == torch.float32 and ".mlp.gate." in name
+    return tensor.to(device=device, dtype=torch.float32 if keep else dtype)
 
 
 def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, SmallTensor] | None = None) -> None:
@@ -116,8 +136,10 @@ def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, Small
     """
     tensors = {t.name: t for t in manifest.tensors} | dict(small or {})
     held = 1 + max((int(m[1]) for m in map(_LAYER.match, tensors) if m), default=-1)
-    if held != args.n_layers:
+    if not args.n_layers <= held <= args.n_layers + args.mtp_layers:
         layers = f"{args.n_layers} layer" + ("s" if args.n_layers != 1 else "")
+        if args.mtp_layers:
+            layers += f" and up to {args.mtp_layers} multi-token-prediction layer(s)"
         raise UnsupportedModelError(f"config.json says {layers}, the container holds tensors for {held}")
     for name, shape in dense_shapes(args, tensors).items():
         tensor = tensors.get(name)
@@ -143,15 +165,23 @@ def dense_shapes(args: ModelArgs, names: Collection[str]) -> dict[str, tuple[int
         if not args.sparse_layers[layer]:
             shapes.update(_mlp_shapes(p, args.dense_intermediate, h))
             continue
-        shapes[router_name(names, layer)] = (args.n_experts, h)
-        if args.shared_expert_intermediate:
+        router = router_name(names, layer)
+        shapes[router] = (args.n_experts, h)
+        if args.router.correction_bias:
+            shapes[correction_bias_name(router)] = (args.n_experts,)
+        if args.shared_expert_intermediate and args.shared_expert_gated:
             shapes.update(_mlp_shapes(p + "shared_expert.", args.shared_expert_intermediate, h))
             shapes[p + "shared_expert_gate.weight"] = (1, h)
+        elif args.shared_expert_intermediate:
+            shapes.update(_mlp_shapes(p + "shared_experts.", args.shared_expert_intermediate, h))
     return shapes
 
 
 def _attention_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
     h, q, kv = args.hidden_size, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    if args.mla is not None:
+        return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                **_latent_attention_shapes(args, p + "self_attn.")}  # fmt: skip
     a = p + "self_attn."
     shapes = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
               a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
@@ -167,6 +197,27 @@ def _attention_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _latent_attention_shapes(args: ModelArgs, a: str) -> dict[str, tuple[int, ...]]:
+    """DeepSeek's MLA projections under ``a`` (``model.layers.N.self_attn.``)."""
+    m, h, n = args.mla, args.hidden_size, args.n_heads
+    shapes = {a + "kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
+              a + "kv_a_layernorm.weight": (m.kv_lora_rank,),
+              a + "kv_b_proj.weight": (n * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+              a + "o_proj.weight": (h, n * m.v_head_dim)}  # fmt: skip
+    if m.q_lora_rank is None:
+        shapes[a + "q_proj.weight"] = (n * m.qk_head_dim, h)
+    else:
+        shapes.update({a + "q_a_proj.weight": (m.q_lora_rank, h), a + "q_a_layernorm.weight": (m.q_lora_rank,),
+                       a + "q_b_proj.weight": (n * m.qk_head_dim, m.q_lora_rank)})  # fmt: skip
+    if args.qkv_bias:
+        shapes[a + "kv_a_proj_with_mqa.bias"] = (m.kv_lora_rank + m.qk_rope_head_dim,)
+        if m.q_lora_rank is not None:
+            shapes[a + "q_a_proj.bias"] = (m.q_lora_rank,)
+    if args.o_bias:
+        shapes[a + "o_proj.bias"] = (h,)
+    return shapes
+
+
 def _mlp_shapes(prefix: str, intermediate: int, hidden: int) -> dict[str, tuple[int, ...]]:
     return {prefix + "gate_proj.weight": (intermediate, hidden), prefix + "up_proj.weight": (intermediate, hidden),
             prefix + "down_proj.weight": (hidden, intermediate)}  # fmt: skip
@@ -179,6 +230,8 @@ def _check_experts(args: ModelArgs, manifest: Manifest) -> None:
     held = set()
     for record in manifest.experts:
         layer, expert = record.layer, record.expert
+        if args.n_layers <= layer < args.n_layers + args.mtp_layers:
+            continue  # a multi-token-prediction layer's experts: kept in the container, not run
         if not (layer < args.n_layers and args.sparse_layers[layer] and expert < args.n_experts):
             raise UnsupportedModelError(f"{implied}; the container holds (layer {layer}, expert {expert})")
         _check_members(args, manifest, record.members, f"expert (layer {layer}, expert {expert})")

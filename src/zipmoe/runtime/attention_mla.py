@@ -1,0 +1,86 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) and its latent cache.
+
+Per token the cache holds what keys and values are made from: the normalised ``kv_lora_rank`` latent and the one
+rope key shared by all heads (``kv_lora_rank + qk_rope_head_dim`` values per layer, against
+``2 x heads x head_dim`` for a plain K/V cache). Each step expands the cached latents into per-head keys and values
+with ``kv_b_proj``, as transformers does (the weight-absorbed form is an optimisation left out).
+
+Shape legend: T tokens of this step, S tokens in the cache, N heads, C kv_lora_rank, R qk_rope_head_dim,
+P qk_nope_head_dim, Dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from zipmoe.runtime.config import ModelArgs
+from zipmoe.runtime.ops import causal_attention, linear, rms_norm
+from zipmoe.runtime.rope import Rotary
+
+# DeepSeek's q_a_layernorm and kv_a_layernorm use RMSNorm's default epsilon, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache:
+    """The latent and rope key of every layer for one sequence, preallocated: [L, S_max, C] and [L, S_max, R]."""
+
+    def __init__(self, args: ModelArgs, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        mla = args.mla
+        self.latent = torch.zeros((args.n_layers, max_len, mla.kv_lora_rank), device=device, dtype=dtype)
+        self.rope_key = torch.zeros((args.n_layers, max_len, mla.qk_rope_head_dim), device=device, dtype=dtype)
+        self.max_len = max_len
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers."""
+        per_layer = self.latent.shape[-1] + self.rope_key.shape[-1]
+        return self.latent.shape[0] * per_layer * self.latent.element_size()
+
+
+class LatentAttention:
+    """DeepSeek's MLA.
+
+    Args:
+        args: the hyper-parameters (``args.mla`` set).
+        weights: dense tensors by checkpoint name.
+        device: where positions are made.
+    """
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        self.args, self.w, self.mla = args, weights, args.mla
+        self.rotary = Rotary(args.rope, self.mla.qk_rope_head_dim, self.mla.rope_layout, device)
+        self.scale = args.rope.softmax_scale(self.mla.qk_head_dim)
+
+    def new_cache(self, max_len: int, device: torch.device, dtype: torch.dtype) -> LatentCache:
+        return LatentCache(self.args, max_len, device, dtype)
+
+    def __call__(self, layer: int, x: torch.Tensor, start: int, rope, cache: LatentCache) -> torch.Tensor:
+        """Attention of ``x`` ([T, H], positions ``start..``) at ``layer``; ``rope``: `Rotary.tables` of them."""
+        a, m, w = self.args, self.mla, self.w
+        p = f"model.layers.{layer}.self_attn."
+        t, n = x.shape[0], a.n_heads
+        if m.q_lora_rank is None:
+            q = linear(w, x, p + "q_proj")
+        else:
+            q_latent = rms_norm(
+                linear(w, x, p + "q_a_proj", a.qkv_bias), w[p + "q_a_layernorm.weight"], LATENT_NORM_EPS
+            )
+            q = linear(w, q_latent, p + "q_b_proj")
+        q_nope, q_rope = q.view(t, n, m.qk_head_dim).split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        compressed = linear(w, x, p + "kv_a_proj_with_mqa", a.qkv_bias)  # [T, C + R]
+        latent, k_rope = compressed.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = rms_norm(latent, w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        q_rope = self.rotary.apply(q_rope, rope)  # [T, N, R]
+        k_rope = self.rotary.apply(k_rope[:, None], rope)  # [T, 1, R]
+        end = start + t
+        cache.latent[layer, start:end] = latent
+        cache.rope_key[layer, start:end] = k_rope[:, 0]
+        kv = linear(w, cache.latent[layer, :end], p + "kv_b_proj").view(end, n, m.qk_nope_head_dim + m.v_head_dim)
+        k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [S, N, P], [S, N, Dv]
+        k_shared = cache.rope_key[layer, :end, None].expand(end, n, m.qk_rope_head_dim)
+        keys = torch.cat((k_nope, k_shared), dim=-1)  # [S, N, P + R]
+        query = torch.cat((q_nope, q_rope), dim=-1)  # [T, N, P + R]
+        out = causal_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), self.scale, start)
+        return linear(w, out, p + "o_proj", a.o_bias)
