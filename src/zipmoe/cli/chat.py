@@ -98,7 +98,7 @@ def command(
     )  # fmt: skip
     sampling = sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     conversation = Conversation(system)
-    _check_chat_template(path, conversation)  # before the weights load
+    _check_chat_template(path, conversation, container)  # before the weights load
     from zipmoe.runtime.engine import Engine
 
     interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -107,13 +107,13 @@ def command(
         if engine.storage.warning and not quiet:
             warn(engine.storage.warning)
         if interactive and not quiet:
-            stderr.print(f"Chatting with {path.name}: /help lists the commands, /exit or Ctrl-D ends.")
+            stderr.print(f"Chatting with {container}: /help lists the commands, /exit or Ctrl-D ends.")
         _Session(engine, conversation, sampling, quiet, interactive).run()
 
 
-def _check_chat_template(path: Path, conversation) -> None:
+def _check_chat_template(path: Path, conversation, model: str) -> None:
     """Fail before the model loads when the container has no chat template, or one that cannot render a first turn
-    of this conversation (a template may refuse a system prompt, for one)."""
+    of this conversation (a template may refuse a system prompt, for one). ``model`` is MODEL as the user gave it."""
     from zipmoe.formats.reader import Container
     from zipmoe.runtime.tokenizer import TextTokenizer, TokenizerError
 
@@ -121,7 +121,7 @@ def _check_chat_template(path: Path, conversation) -> None:
         tokenizer = TextTokenizer.from_container(opened)
     if tokenizer.template_source is None:
         raise TokenizerError(
-            f"{path}: no chat template embedded (chat_template.jinja, tokenizer_config.json or chat_template.json); "
+            f"{model}: no chat template embedded (chat_template.jinja, tokenizer_config.json or chat_template.json); "
             "zipmoe chat needs one (zipmoe run completes plain text)"
         )
     tokenizer.apply_chat_template(conversation.messages("Hello"), add_generation_prompt=True)
