@@ -2,6 +2,7 @@
 quantization, the runtime's dequantization, and the FP8 codec benchmark."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -617,3 +618,154 @@ def test_fp8_bench_command_line(tmp_path, capsys):
     write_safetensors(root / "model.safetensors", {"ids": ("I64", [2, 2], bytes(32))})
     assert main([str(root)]) == 1
     assert "no finite BF16, F32 or F16 weight matrices" in capsys.readouterr().err
+
+
+# -- serving FP8 checkpoints ----------------------------------------------------------------------------------------
+
+SERVE_BLOCK = 16  # the tiny model's projections span several tiles, some partial (24 rows), at this edge
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64]
+
+
+def quantize_checkpoint(source, out, block=SERVE_BLOCK):
+    """``source`` (a BF16 checkpoint) as DeepSeek-V3 stores its weights: every projection (``*_proj.weight``,
+    ``kv_a_proj_with_mqa.weight``, and fused ``experts.*_proj`` expert by expert) block-quantized to FP8 with a
+    float32 ``*_scale_inv``; norms, embeddings, routers and the head stay BF16. The config gains the matching
+    ``quantization_config``."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    tensors = {}
+    for name, t in load_file(source / "model.safetensors").items():
+        if not re.search(r"_proj(_with_mqa)?\.weight$|\.experts\.\w+_proj$", name):
+            tensors[name] = t
+            continue
+        pairs = [quantize_blocks(m.float().numpy(), block) for m in (t if t.dim() == 3 else [t])]
+        q, scales = (np.stack(x) if t.dim() == 3 else x[0] for x in zip(*pairs))
+        tensors[name] = torch.from_numpy(q).view(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = torch.from_numpy(scales)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_deepseek(checkpoints, tmp_path_factory):
+    """DeepSeek-V3 quantized to FP8 (experts and dense projections), per-expert and fused, with their containers."""
+    root = tmp_path_factory.mktemp("fp8-deepseek")
+    made = {"bf16": checkpoints.deepseek("deepseek_v3")}
+    for fused in (False, True):
+        source = quantize_checkpoint(checkpoints.deepseek("deepseek_v3", fused=fused), root / f"v3-fused-{fused}")
+        made[fused] = (source, checkpoints.packed(source))
+    return made
+
+
+def fp8_engine(path, **options):
+    from zipmoe.runtime.engine import Engine, EngineOptions
+
+    return Engine(path, EngineOptions(device="cpu", dtype="float32", threads=1, **options))
+
+
+def reference_logits(source):
+    from zipmoe.runtime.model import InMemoryExperts, Transformer
+    from zipmoe.runtime.weights import load_checkpoint
+
+    torch.set_num_threads(1)  # as `fp8_engine` computes
+    args, dense, experts = load_checkpoint(source, torch.device("cpu"), torch.float32)
+    model = Transformer(args, dense, InMemoryExperts(experts))
+    assert not any(t.dtype == torch.float8_e4m3fn for t in dense.values()) and not any("scale_inv" in n for n in dense)
+    return model, model.forward(torch.tensor(PROMPT), 0, model.new_cache(32), all_logits=True)
+
+
+def greedy_tokens(model, n=16):
+    from zipmoe.runtime.generate import SamplingOptions, generate
+
+    return generate(model, PROMPT, SamplingOptions(max_new_tokens=n, stop_at_eos=False)).tokens
+
+
+def test_fp8_experts_serve_the_same_bits_as_the_fp8_safetensors(fp8_deepseek):
+    source, _ = fp8_deepseek[False]
+    with Container(fp8_deepseek[False][1]) as c:
+        expert = c.tensors["model.layers.1.mlp.experts.0.gate_proj.weight"]
+        assert expert.dtype == "F8_E4M3" and c.encodings[expert.encoding].encoding_id == "fp8-split"
+    ref, expected = reference_logits(source)
+    expected_tokens = greedy_tokens(ref)
+    for fused in (False, True):
+        packed = fp8_deepseek[fused][1]
+        with fp8_engine(packed) as e:
+            minimum = e.cache_minimum()
+        for options in ({}, {"memory_budget": minimum}):
+            with fp8_engine(packed, **options) as e:
+                assert all(t.dtype == torch.float32 for t in e.dense.values()), "FP8 dense weights are dequantized"
+                logits = e.model.forward(torch.tensor(PROMPT), 0, e.model.new_cache(32), all_logits=True)
+                assert torch.equal(logits, expected), (fused, options)
+                assert greedy_tokens(e.model) == expected_tokens, (fused, options)
+                if options:
+                    assert e.pipeline.stats.served_from["storage"] > 0 and e.pipeline.stats.peak_bytes <= e.budget
+    with fp8_engine(fp8_deepseek[False][1]) as e:
+        assert e.source.source_nbytes == 2 * e.args.expert_params  # budgets in percent: of the experts as BF16
+    from zipmoe.runtime.engine import Engine, EngineOptions
+
+    with Engine(fp8_deepseek[True][1], EngineOptions(device="cpu", dtype="bfloat16")) as e:
+        assert e.dense["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
+        assert len(greedy_tokens(e.model, 4)) == 4
+
+
+def test_fp8_checkpoint_runs_as_transformers_dequantizes_it(fp8_deepseek, tmp_path):
+    """Transformers' own FP8 dequantization (``Fp8Dequantize``) of every weight, loaded with ``from_pretrained``
+    (float32; the FP8 integration itself wants a GPU), computes the logits the runtime computes from the FP8 file."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    # transformers infers the tile edge from the scale grid, so it needs tiles that divide every shape: 8 here
+    source = quantize_checkpoint(fp8_deepseek["bf16"], tmp_path / "fp8-8", block=8)
+    ours, logits = reference_logits(source)
+    stored = load_file(source / "model.safetensors")
+    state = {}
+    for name, t in stored.items():
+        scale = stored.get(name + "_scale_inv")
+        if not name.endswith("_scale_inv"):
+            state[name] = t if scale is None else Fp8Dequantize(None)._dequantize_one(t, scale, torch.float32)
+    (tmp_path / "dequantized").mkdir()
+    save_file(state, tmp_path / "dequantized" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "dequantized" / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor(PROMPT)[None]).logits[0]
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-5), (logits - expected).abs().max()
+    reference_tokens = theirs.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False)[0, len(PROMPT) :]
+    assert greedy_tokens(ours) == reference_tokens.tolist()
+
+
+def _block_size(size):
+    return lambda doc: doc["config"]["quantization_config"].update(weight_block_size=[size, size])
+
+
+def _tensor(tensor, **changes):
+    def mutate(doc):
+        next(t for t in doc["tensors"] if t["name"] == tensor).update(changes)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_block_size(32), "kv_a_proj_with_mqa.weight is FP8: config.json implies a F32 model.layers.0.self_attn."
+                          "kv_a_proj_with_mqa.weight_scale_inv [1, 2] (32x32 blocks), the container holds F32 [2, 4]"),
+        (_tensor("model.layers.1.mlp.experts.2.down_proj.weight_scale_inv", shape=[2, 4]),
+         "expert (layer 1, expert 2) model.layers.1.mlp.experts.2.down_proj.weight is FP8: config.json implies a F32 "
+         "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv [4, 2] (16x16 blocks), the container holds F32 [2, 4]"),
+    ],
+    ids=["block-size", "expert-scale-shape"],
+)  # fmt: skip
+def test_fp8_scales_that_do_not_fit_are_refused_in_one_line(fp8_deepseek, tmp_path, capsys, mutate, message):
+    out = copy_of(fp8_deepseek[False][1], tmp_path)
+    rewrite_manifest(out, mutate)
+    code, _, err = run_cli(capsys, "run", str(out), "hello", "-n", "1", "--device", "cpu")
+    assert_one_line_error(code, err, message)

@@ -19,6 +19,7 @@ from zipmoe.formats.reader import Container
 from zipmoe.planning.planner import LoadedPlan, PlanError, read_plan
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.config import ModelArgs, read_token_ids
+from zipmoe.runtime.fp8 import scale_block
 from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
 from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline, PipelineStats
@@ -29,7 +30,7 @@ from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
 from zipmoe.runtime.storage import IO_MODES, Storage
 from zipmoe.runtime.tiers import Tiers
 from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
-from zipmoe.runtime.weights import base_transform, check_tensors, resident, runs_tensor, to_tensor
+from zipmoe.runtime.weights import base_transform, check_tensors, resident_weights, runs_tensor, to_tensor
 from zipmoe.sizes import parse_size  # sizes are read in one place; also importable from here as before
 from zipmoe.summary import manifest_sha256
 
@@ -361,13 +362,13 @@ class Engine:
         return self.reservation
 
     def _load_dense(self) -> dict[str, torch.Tensor]:
-        weights = {}
-        for tensor in self.container.dense_tensors():
-            if not runs_tensor(self.args, tensor.name):  # DeepSeek-V3's multi-token-prediction layer
-                continue
-            data = self.container.read_tensor(tensor.name)
-            t = to_tensor(data, tensor.dtype, tensor.shape)
-            weights[tensor.name] = resident(self.args, tensor.name, t, self.device, self.dtype)
+        def read():
+            for tensor in self.container.dense_tensors():
+                if runs_tensor(self.args, tensor.name):  # not DeepSeek-V3's multi-token-prediction layer
+                    yield tensor.name, to_tensor(self.container.read_tensor(tensor.name), tensor.dtype, tensor.shape)
+
+        block = scale_block(self.container.manifest.config)
+        weights = resident_weights(self.args, read(), self.device, self.dtype, block)
         self.container.release(0, self.container.header.file_nbytes)  # the mapped pages; the weights are copies
         return weights
 

@@ -9,7 +9,7 @@ does when it loads such a checkpoint with ``dequantize=True``, so both give the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -116,17 +116,39 @@ def fold_fp8_scales(
         FormatError: an FP8 weight without its scale, a scale without its FP8 weight, or sizes that do not fit.
     """
     items = list(tensors)
-    scales = {name.removesuffix(SCALE_SUFFIX): t for name, t in items if name.endswith(SCALE_SUFFIX)}
-    out = []
-    for name, tensor in items:
+    position = {name: i for i, (name, _) in enumerate(items)}
+    return sorted(fold_fp8_stream(items, dtype, block), key=lambda item: position[item[0]])
+
+
+def fold_fp8_stream(
+    tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, block: int = DEFAULT_BLOCK
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`fold_fp8_scales` for tensors read one at a time (a checkpoint's dense weights): each is yielded as soon as
+    it can be, an FP8 weight once it and its scale have both arrived, so only those waiting for their pair are held.
+
+    Raises:
+        FormatError: as `fold_fp8_scales`, once ``tensors`` is exhausted (the unpaired tensors are known then).
+    """
+    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
         if name.endswith(SCALE_SUFFIX):
-            weight = name.removesuffix(SCALE_SUFFIX)
-            if not any(n == weight and t.dtype == torch.float8_e4m3fn for n, t in items):
-                raise FormatError(f"{name}: a block scale without an FP8 weight {weight!r}")
+            scales[name.removesuffix(SCALE_SUFFIX)] = tensor
+        elif tensor.dtype == torch.float8_e4m3fn:
+            weights[name] = tensor
+        else:
+            yield name, tensor
             continue
-        if tensor.dtype == torch.float8_e4m3fn:
-            if name not in scales:
-                raise FormatError(f"{name}: an FP8 weight without its {name + SCALE_SUFFIX!r}")
-            tensor = dequantize_fp8_blocks(tensor, scales[name], tuple(tensor.shape), dtype, block)
-        out.append((name, tensor))
-    return out
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if weight in weights and weight in scales:
+            fp8 = weights.pop(weight)
+            yield weight, dequantize_fp8_blocks(fp8, scales.pop(weight), tuple(fp8.shape), dtype, block)
+    for name in weights:
+        raise FormatError(f"{name}: an FP8 weight without its {name + SCALE_SUFFIX!r}")
+    for weight in scales:
+        raise FormatError(f"{weight + SCALE_SUFFIX}: a block scale without an FP8 weight {weight!r}")
+
+
+def scale_block(config: dict[str, Any] | None) -> int:
+    """The scale tile edge to dequantize FP8 weights with: the config's (`fp8_block_size`), else 128."""
+    return fp8_block_size(config) or DEFAULT_BLOCK

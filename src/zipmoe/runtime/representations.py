@@ -41,9 +41,10 @@ from zipmoe.quant.matvec import matmul_slices
 from zipmoe.quant.spec import Precision
 from zipmoe.runtime.buffers import BufferPool
 from zipmoe.runtime.config import ModelArgs
+from zipmoe.runtime.fp8 import scale_block
 from zipmoe.runtime.model import ExpertWeights, expert_output
 from zipmoe.runtime.storage import Storage
-from zipmoe.runtime.weights import assemble_expert, member_role, to_tensor
+from zipmoe.runtime.weights import FP8, assemble_expert, member_role, to_tensor
 
 DECODED, SM, COMPRESSED, MSB, LSB = "decoded", "sm", "compressed", "msb", "lsb"
 STORAGE = "storage"
@@ -86,6 +87,7 @@ class _Source:
         self.storage = storage
         self.workers = workers
         self.decoded_nbytes = args.expert_params * torch.empty((), dtype=dtype).element_size()
+        self.fp8_block = scale_block(container.manifest.config)  # FP8 experts are dequantized in `assemble_expert`
 
     def _check_complete(self, held) -> None:
         """Every (MoE layer, expert) of the model is in ``held``."""
@@ -130,7 +132,10 @@ class LosslessExperts(_Source):
         self.record_nbytes = max(layout.nbytes for layout in layouts)
         self.sm_nbytes = max(layout.planes_nbytes for layout in layouts) if self.split else 0
         self.sm_read_nbytes = max(layout.exponent_nbytes for layout in layouts)
-        self.source_nbytes = layouts[0].source_nbytes  # BF16 bytes of one expert
+        # FP8 experts are dequantized into new tensors: their decoded bytes are not viewed by the weights kept
+        self.copied = any(m.dtype == FP8 for layout in layouts for m in layout.members)
+        # BF16 bytes of one expert (what budgets in percent are of; FP8 experts counted as BF16, as they are run)
+        self.source_nbytes = 2 * args.expert_params if self.copied else layouts[0].source_nbytes
         self.widen = dtype == torch.float32 and device.type == "cpu"
         self.pool = BufferPool(storage.buffer, 0)  # the engine sets its limit (the reservation)
         self._sizes = {  # buffer sizes: every expert's record sections and weights fit the largest
@@ -211,7 +216,7 @@ class LosslessExperts(_Source):
         A record's buffers are kept with it; its planes buffer also when only the sign-mantissa planes were kept.
         """
         for kind, buffers in fetch.buffers.items():
-            if kind in kept or (kind == SM and COMPRESSED in kept):
+            if (kind in kept and not (kind == DECODED and self.copied)) or (kind == SM and COMPRESSED in kept):
                 continue
             for buf in buffers:
                 self.pool.give(buf)
@@ -237,7 +242,7 @@ class LosslessExperts(_Source):
         tensors = [
             (m.name, to_tensor(out, "F32" if widen else m.dtype, m.shape)) for m, out in zip(layout.members, outs)
         ]
-        weights = assemble_expert(tensors, self.args, self.device, self.dtype)
+        weights = assemble_expert(tensors, self.args, self.device, self.dtype, self.fp8_block)
         if self.transform is not None:
             weights = self.transform(weights)
         new: dict[str, tuple[Any, int]] = {DECODED: (weights, weights.nbytes)}
@@ -367,7 +372,7 @@ class SliceExperts(_Source):
                 dequantize_tensor(msb.payloads[i], low, rows, cols, self.spec, precision, out, self.workers)
                 w = torch.from_numpy(out).view(rows, cols)
             tensors.append((m.name, w))
-        return assemble_expert(tensors, self.args, self.device, self.dtype)
+        return assemble_expert(tensors, self.args, self.device, self.dtype, self.fp8_block)
 
     def output(self, key: Key, msb: Slice, lsb: Slice | None, precision: Precision, x, tokens, slots, top_weight):
         """One expert's contribution for its ``tokens`` at ``precision``, as `expert_output` computes it.

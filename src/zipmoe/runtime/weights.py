@@ -24,17 +24,20 @@ from zipmoe.formats.reader import SmallTensor
 from zipmoe.quant.amat import base_quantized
 from zipmoe.quant.spec import SliceSpec
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
+from zipmoe.runtime.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, fold_fp8_scales, fold_fp8_stream, scale_block
 from zipmoe.runtime.model import ExpertWeights, correction_bias_name, router_name
 
 _TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
 }  # fmt: skip
-# Bit-compatible storage for each dtype: torch.from_numpy cannot take BF16, so its bits travel as int16.
-_CARRIER = {torch.bfloat16: np.int16, torch.float16: np.float16}
+# Bit-compatible storage for each dtype: torch.from_numpy cannot take BF16 or FP8, so their bits travel as integers.
+_CARRIER = {torch.bfloat16: np.int16, torch.float16: np.float16, torch.float8_e4m3fn: np.uint8}
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+FP8 = "F8_E4M3"  # block-quantized weights, each with a float32 ``weight_scale_inv`` (`zipmoe.runtime.fp8`)
 
 
 def to_tensor(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -57,11 +60,19 @@ def member_role(name: str) -> str:
 
 
 def assemble_expert(
-    members: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, device: torch.device, dtype: torch.dtype
+    members: Iterable[tuple[str, torch.Tensor]],
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_block: int = DEFAULT_BLOCK,
 ) -> ExpertWeights:
-    """Build one expert from its member tensors ``(checkpoint name, tensor)``, converted to ``dtype`` on ``device``."""
+    """Build one expert from its member tensors ``(checkpoint name, tensor)``, converted to ``dtype`` on ``device``.
+
+    FP8 members are dequantized with their ``weight_scale_inv`` members (``fp8_block``-square tiles) on ``device``.
+    """
     parts: dict[str, torch.Tensor] = {}
-    for name, tensor in members:
+    members = [(name, t.to(device, non_blocking=True) if _is_fp8(name, t) else t) for name, t in members]
+    for name, tensor in fold_fp8_scales(members, dtype, fp8_block):
         role = member_role(name)
         if role == "gate_up":
             parts["gate"], parts["up"] = tensor.split(args.moe_intermediate, dim=0)
@@ -75,6 +86,11 @@ def assemble_expert(
     )
 
 
+def _is_fp8(name: str, tensor: torch.Tensor) -> bool:
+    """An FP8 weight or its scale: what `fold_fp8_scales` dequantizes."""
+    return tensor.dtype == torch.float8_e4m3fn or name.endswith(SCALE_SUFFIX)
+
+
 def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
     """Every weight of a safetensors checkpoint directory, in memory: (args, dense weights, experts).
 
@@ -85,24 +101,28 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype):
 
     ckpt = open_checkpoint(str(path))
     args = ModelArgs.from_hf_config(ckpt.config)
+    block = scale_block(ckpt.config)
     layout = classify(ckpt.config, [t for _, t in ckpt.tensors.values()])
-    dense: dict[str, torch.Tensor] = {}
     members: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
-    for name, (file_index, t) in ckpt.tensors.items():
-        if not runs_tensor(args, name):
-            continue
-        data = np.empty(t.nbytes, np.uint8)
-        ckpt.files[file_index].read_into(t.start, data)
-        tensor = to_tensor(data, t.dtype, t.shape)
-        placement = layout.experts.get(name)
-        if placement is None:
-            dense[name] = resident(args, name, tensor, device, dtype)
-        elif placement.expert is not None:
-            members.setdefault((placement.layer, placement.expert), []).append((name, tensor))
-        else:
-            for e in range(t.shape[0]):
-                members.setdefault((placement.layer, e), []).append((name, tensor[e]))
-    experts = {key: assemble_expert(m, args, device, dtype) for key, m in members.items()}
+
+    def dense_tensors():
+        for name, (file_index, t) in ckpt.tensors.items():
+            if not runs_tensor(args, name):
+                continue
+            data = np.empty(t.nbytes, np.uint8)
+            ckpt.files[file_index].read_into(t.start, data)
+            tensor = to_tensor(data, t.dtype, t.shape)
+            placement = layout.experts.get(name)
+            if placement is None:
+                yield name, tensor
+            elif placement.expert is not None:
+                members.setdefault((placement.layer, placement.expert), []).append((name, tensor))
+            else:
+                for e in range(t.shape[0]):
+                    members.setdefault((placement.layer, e), []).append((name, tensor[e]))
+
+    dense = resident_weights(args, dense_tensors(), device, dtype, block)
+    experts = {key: assemble_expert(m, args, device, dtype, block) for key, m in members.items()}
     return args, dense, experts
 
 
@@ -111,6 +131,18 @@ def runs_tensor(args: ModelArgs, name: str) -> bool:
     after its last layer (packed and unpacked like every tensor, never loaded)."""
     m = _LAYER.match(name)
     return m is None or int(m[1]) < args.n_layers
+
+
+def resident_weights(
+    args: ModelArgs,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_block: int = DEFAULT_BLOCK,
+) -> dict[str, torch.Tensor]:
+    """The dense tensors ``(name, tensor)`` as the model holds them (`resident`), FP8 weights dequantized with their
+    block scales as they arrive (`fold_fp8_stream`)."""
+    return {name: resident(args, name, t, device, dtype) for name, t in fold_fp8_stream(tensors, dtype, fp8_block)}
 
 
 def resident(
@@ -128,13 +160,16 @@ def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, Small
     """Check that a container holds the tensors ``args`` implies, before anything is allocated from ``args``.
 
     Every dense tensor the model reads must exist with the shape the config implies and a float dtype; the routed
-    experts must be exactly the MoE layers x experts, each with gate/up/down members of the implied shapes. Only the
-    manifest is read (nothing is decoded), and ``small``: the tensors stored in raw runs (`Container.small_tensors`).
+    experts must be exactly the MoE layers x experts, each with gate/up/down members of the implied shapes. An FP8
+    weight (dense or member) needs its float32 ``weight_scale_inv``, one value per tile of the config's
+    ``weight_block_size``. Only the manifest is read (nothing is decoded), and ``small``: the tensors stored in raw
+    runs (`Container.small_tensors`).
 
     Raises:
         UnsupportedModelError: the first mismatch, naming the tensor, the shape the config implies and the stored one.
     """
     tensors = {t.name: t for t in manifest.tensors} | dict(small or {})
+    block = scale_block(manifest.config)
     held = 1 + max((int(m[1]) for m in map(_LAYER.match, tensors) if m), default=-1)
     if not args.n_layers <= held <= args.n_layers + args.mtp_layers:
         layers = f"{args.n_layers} layer" + ("s" if args.n_layers != 1 else "")
@@ -145,12 +180,28 @@ def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, Small
         tensor = tensors.get(name)
         if tensor is None or tensor.tensor_class != CLASS_DENSE:
             raise UnsupportedModelError(f"config.json implies a tensor {name} {list(shape)}; the container has none")
-        if tensor.shape != shape or tensor.dtype not in _FLOAT_DTYPES:
+        if tensor.shape != shape or tensor.dtype not in _FLOAT_DTYPES + (FP8,):
             raise UnsupportedModelError(
                 f"tensor {name}: config.json implies a float tensor of shape {list(shape)}, "
                 f"the container holds {tensor.dtype} {list(tensor.shape)}"
             )
-    _check_experts(args, manifest)
+        if tensor.dtype == FP8:
+            _check_scale(tensors.get(name + SCALE_SUFFIX), name, shape, block, f"tensor {name}")
+    _check_experts(args, manifest, block)
+
+
+def _check_scale(scale, weight: str, shape: tuple[int, ...], block: int, label: str) -> None:
+    """``scale`` is the float32 ``weight_scale_inv`` of the FP8 weight ``weight`` of ``shape``: one per tile."""
+    grid = tuple(-(-n // block) for n in shape)
+    if scale is not None:  # a fused scale ([E, ...]) is checked per expert
+        held = f"{scale.dtype} {list(scale.shape[1:] if getattr(scale, 'fused', False) else scale.shape)}"
+    else:
+        held = "none"
+    if scale is None or held != f"F32 {list(grid)}":
+        raise UnsupportedModelError(
+            f"{label} is FP8: config.json implies a F32 {weight + SCALE_SUFFIX} {list(grid)} "
+            f"({block}x{block} blocks), the container holds {held}"
+        )
 
 
 def dense_shapes(args: ModelArgs, names: Collection[str]) -> dict[str, tuple[int, ...]]:
@@ -223,7 +274,7 @@ def _mlp_shapes(prefix: str, intermediate: int, hidden: int) -> dict[str, tuple[
             prefix + "down_proj.weight": (hidden, intermediate)}  # fmt: skip
 
 
-def _check_experts(args: ModelArgs, manifest: Manifest) -> None:
+def _check_experts(args: ModelArgs, manifest: Manifest, block: int) -> None:
     """The expert records are exactly (MoE layer, expert) for every MoE layer and expert, with members that fit."""
     moe_layers = sum(args.sparse_layers)
     implied = f"config.json implies {args.n_experts} experts in each of {moe_layers} MoE layers"
@@ -234,7 +285,7 @@ def _check_experts(args: ModelArgs, manifest: Manifest) -> None:
             continue  # a multi-token-prediction layer's experts: kept in the container, not run
         if not (layer < args.n_layers and args.sparse_layers[layer] and expert < args.n_experts):
             raise UnsupportedModelError(f"{implied}; the container holds (layer {layer}, expert {expert})")
-        _check_members(args, manifest, record.members, f"expert (layer {layer}, expert {expert})")
+        _check_members(args, manifest, record.members, block, f"expert (layer {layer}, expert {expert})")
         held.add((layer, expert))
     if len(held) != moe_layers * args.n_experts:
         layer, expert = next(
@@ -244,19 +295,28 @@ def _check_experts(args: ModelArgs, manifest: Manifest) -> None:
         raise UnsupportedModelError(f"{implied}; the container has no (layer {layer}, expert {expert})")
 
 
-def _check_members(args: ModelArgs, manifest: Manifest, members: tuple[tuple[int, int], ...], label: str) -> None:
+def _check_members(
+    args: ModelArgs, manifest: Manifest, members: tuple[tuple[int, int], ...], block: int, label: str
+) -> None:
     h, i = args.hidden_size, args.moe_intermediate
     implied = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h)}
+    tensors = {t.name: t for t in (manifest.tensors[t_index] for t_index, _ in members)}
     roles = []
-    for t_index, _ in members:
-        tensor = manifest.tensors[t_index]
+    for tensor in tensors.values():
+        if tensor.name.endswith(SCALE_SUFFIX):
+            weight = tensors.get(tensor.name.removesuffix(SCALE_SUFFIX))
+            if weight is None or weight.dtype != FP8:
+                raise UnsupportedModelError(f"{label} {tensor.name}: a block scale without an FP8 weight")
+            continue  # checked with its weight
         role = member_role(tensor.name)
         shape = tensor.shape[1:] if tensor.fused else tensor.shape
-        if shape != implied[role] or tensor.dtype not in _FLOAT_DTYPES:
+        if shape != implied[role] or tensor.dtype not in _FLOAT_DTYPES + (FP8,):
             raise UnsupportedModelError(
                 f"{label} {tensor.name}: config.json implies a float tensor of shape {list(implied[role])}, "
                 f"the container holds {tensor.dtype} {list(shape)}"
             )
+        if tensor.dtype == FP8:
+            _check_scale(tensors.get(tensor.name + SCALE_SUFFIX), tensor.name, shape, block, f"{label} {tensor.name}")
         roles.append(role)
     if sorted(roles) not in (["down", "gate", "up"], ["down", "gate_up"]):
         raise UnsupportedModelError(f"{label}: expected gate, up and down projections, the container holds {roles}")
