@@ -255,3 +255,21 @@ def assert_one_line_error(code, err, *fragments):
     assert "Traceback" not in err and "internal error" not in err
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_matches_transformers(ours, source: Path, prompt: list[int]) -> None:
+    """The runtime model ``ours`` (built from checkpoint ``source``) gives transformers' logits in float32 within
+    1e-5 on ``prompt``, and the same 16 greedy tokens."""
+    import torch
+    import transformers
+
+    from zipmoe.runtime.generate import SamplingOptions, generate
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokens = torch.tensor(prompt)
+    logits = ours.forward(tokens, 0, ours.new_cache(32), all_logits=True)
+    with torch.no_grad():
+        expected = theirs(tokens[None]).logits[0]
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-5), (logits - expected).abs().max()
+    reference_tokens = theirs.generate(tokens[None], max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+    assert generate(ours, prompt, SamplingOptions(max_new_tokens=16, stop_at_eos=False)).tokens == reference_tokens

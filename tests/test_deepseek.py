@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEEPSEEK, assert_one_line_error, copy_of, rewrite_manifest, run_cli
+from conftest import DEEPSEEK, assert_matches_transformers, assert_one_line_error, copy_of, rewrite_manifest, run_cli
 from zipmoe.runtime.block_args import RouterArgs
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError, config_problems
 from zipmoe.runtime.engine import Engine, EngineOptions, expert_bytes_summary
@@ -41,18 +41,8 @@ def config_of(source) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_transformers(checkpoints, family):
-    import transformers
-
     source = checkpoints.deepseek(family)
-    ours = reference_model(source)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    tokens = torch.tensor(PROMPT)
-    logits = ours.forward(tokens, 0, ours.new_cache(32), all_logits=True)
-    with torch.no_grad():
-        expected = theirs(tokens[None]).logits[0]
-    assert torch.allclose(logits, expected, rtol=0, atol=1e-5), (logits - expected).abs().max()
-    reference_tokens = theirs.generate(tokens[None], max_new_tokens=16, do_sample=False)[0, len(PROMPT) :].tolist()
-    assert greedy(ours) == reference_tokens
+    assert_matches_transformers(reference_model(source), source, PROMPT)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

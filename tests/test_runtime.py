@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import copy_of, rewrite_manifest, run_cli
+from conftest import assert_matches_transformers, copy_of, rewrite_manifest, run_cli
 from zipmoe.pack import PackOptions, pack
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
 from zipmoe.runtime.engine import Engine, EngineOptions, parse_size
@@ -34,18 +34,8 @@ def greedy(model, n=16):
 
 @pytest.mark.parametrize("family", RUNTIME_FAMILIES)
 def test_matches_transformers(checkpoints, family):
-    import transformers
-
     source = checkpoints.family(family)
-    ours = reference_model(source)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    tokens = torch.tensor(PROMPT)
-    logits = ours.forward(tokens, 0, ours.new_cache(32), all_logits=True)
-    with torch.no_grad():
-        expected = theirs(tokens[None]).logits[0]
-    assert torch.allclose(logits, expected, rtol=0, atol=1e-5), (logits - expected).abs().max()
-    reference_tokens = theirs.generate(tokens[None], max_new_tokens=16, do_sample=False)[0, len(PROMPT) :].tolist()
-    assert greedy(ours) == reference_tokens
+    assert_matches_transformers(reference_model(source), source, PROMPT)
 
 
 @pytest.mark.parametrize("family", RUNTIME_FAMILIES)
