@@ -16,6 +16,7 @@ import torch
 
 from zipmoe.runtime.model import KVCache, Transformer
 from zipmoe.runtime.request import MAX_SEED, PromptError, SamplingError, SamplingOptions
+from zipmoe.runtime.sampling import Sampler, sample
 
 if TYPE_CHECKING:
     from zipmoe.runtime.pipeline import PipelineStats
@@ -82,21 +83,6 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
         raise PromptError(f"the tokenizer gave token id {bad}, outside the model's vocabulary of {vocab_size}")
 
 
-def sample(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> int:
-    """The next token from last-position logits ([V], float32)."""
-    if options.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / options.temperature, dim=-1)
-    if options.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < options.top_p
-        keep[0] = True  # the top token always stays (top_p 0 keeps it alone)
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def prefill(model: Transformer, prompt: list[int], cache: KVCache, chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the model ``chunk`` tokens at a time, filling ``cache``; the last token's logits."""
     tokens = torch.tensor(prompt, device=model.device)
@@ -123,7 +109,7 @@ def generate(
         raise PromptError("the prompt has no tokens")
     check_token_ids(prompt, model.args.vocab_size)
     kept = fit_context(prompt, options.max_new_tokens, model.args.context, options.truncate)
-    generator = torch.Generator().manual_seed(options.seed)
+    sampler = Sampler(options, kept)
     cache = model.new_cache(len(kept) + options.max_new_tokens)
     result = GenerationResult(prompt_tokens=len(kept), dropped_tokens=len(prompt) - len(kept))
     start = time.perf_counter()
@@ -132,7 +118,7 @@ def generate(
     model.experts.on_phase("decode")
     position = len(kept)
     for step in range(options.max_new_tokens):
-        token = sample(logits.cpu(), options, generator)
+        token = sampler.next(logits)
         now = time.perf_counter()
         if step == 0:
             result.ttft = now - start
