@@ -69,3 +69,23 @@ def test_sharded_checkpoint_with_index(checkpoints, tmp_path):
     with Container(out) as c:
         assert len(c.manifest.safetensors) == len(list(source.glob("*.safetensors"))) > 1
         assert "model.safetensors.index.json" in [f.name for f in c.manifest.files]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek"])
+def test_demo_checkpoints_are_what_transformers_builds(tmp_path, preset):
+    """A demo checkpoint of each architecture loads in transformers with no missing or unexpected tensor, and the
+    runtime built from it gives transformers' logits and greedy tokens (the family module wrote its config)."""
+    import torch
+    import transformers
+
+    from conftest import assert_matches_transformers
+    from zipmoe.demo import build_demo_checkpoint
+    from zipmoe.runtime.weights import load_checkpoint
+    from zipmoe.runtime.model import InMemoryExperts, Transformer
+
+    source = build_demo_checkpoint(tmp_path / preset, preset)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(source, output_loading_info=True)
+    assert not any(info.values()), info
+    args, dense, experts = load_checkpoint(source, torch.device("cpu"), torch.float32)
+    assert args.family == {"tiny": "mixtral", "tiny-deepseek": "deepseek_v2"}[preset]
+    assert_matches_transformers(Transformer(args, dense, InMemoryExperts(experts)), source, [256, 72, 105, 33, 10])

@@ -1,4 +1,5 @@
-"""Built-in, offline MoE checkpoints: Mixtral or Qwen2-MoE architecture, random init, Hugging Face layout.
+"""Built-in, offline MoE checkpoints: Mixtral, Qwen2-MoE or DeepSeek-V2 architecture, random init, Hugging Face
+layout.
 
 `build_demo_checkpoint` writes what ``AutoModelForCausalLM.from_config(...).save_pretrained(dir)`` would: a
 ``config.json``, a ``generation_config.json``, BF16 weights initialised like transformers does (normal, std 0.02;
@@ -31,14 +32,19 @@ class Preset:
     heads: int
     kv_heads: int
     max_shard_bytes: int
-    family: str = "mixtral"  # or "qwen2_moe": q/k/v biases and a shared expert behind a sigmoid gate
+    family: str = "mixtral"  # a family of `zipmoe.families`: its module writes the family's config keys
     top_k: int = 2
-    shared_intermediate: int = 0
+    shared_intermediate: int = 0  # shared expert(s), in all
 
 
 PRESETS = {
     # Fast enough for unit tests.
     "tiny": Preset(hidden=128, intermediate=256, layers=2, experts=4, heads=4, kv_heads=2, max_shard_bytes=1 << 30),
+    # The DeepSeek-V2 architecture (multi-head latent attention, shared experts) at the size of "tiny".
+    "tiny-deepseek": Preset(
+        hidden=128, intermediate=128, layers=2, experts=8, heads=4, kv_heads=4, max_shard_bytes=1 << 30,
+        family="deepseek_v2", top_k=2, shared_intermediate=256,
+    ),  # fmt: skip
     # `make demo`: ~120 MB in three shards.
     "small": Preset(hidden=512, intermediate=1024, layers=4, experts=8, heads=8, kv_heads=4, max_shard_bytes=50 << 20),
     # `zipmoe bench codecs`: Qwen1.5-MoE-A2.7B expert shapes (2048 x 1408), 6 experts, one layer.
@@ -59,9 +65,8 @@ PRESETS = {
         top_k=4,
         shared_intermediate=5632,
     ),  # fmt: skip
-    # `zipmoe bench run --preset deepseek-v2-lite`: DeepSeek-V2-Lite's routed experts (64 of 2048 x 1408, top-6) and
-    # its 2 shared experts (one of 2 x 1408), 2 MoE layers, in the Qwen2-MoE architecture until zipmoe runs DeepSeek
-    # natively (GQA attention instead of MLA; the experts, which the cache serves, are DeepSeek's): 2.4 GB.
+    # `zipmoe bench run --preset deepseek-v2-lite`: DeepSeek-V2-Lite (DeepSeek-V2 architecture: multi-head latent
+    # attention, 64 routed experts of 2048 x 1408, top-6, 2 shared experts) with 2 of its 26 MoE layers: 2.3 GB.
     "deepseek-v2-lite": Preset(
         hidden=2048,
         intermediate=1408,
@@ -70,7 +75,7 @@ PRESETS = {
         heads=16,
         kv_heads=16,
         max_shard_bytes=1 << 30,
-        family="qwen2_moe",
+        family="deepseek_v2",
         top_k=6,
         shared_intermediate=2816,
     ),  # fmt: skip
@@ -121,18 +126,17 @@ def tokenizer_json() -> dict:
 
 def model_config(preset: Preset) -> dict:
     """The ``config.json`` of a preset, with the keys transformers writes for its family."""
+    from zipmoe.families import family_for
+
     vocab = BYTE_VOCAB + len(SPECIAL_TOKENS)
     common = {
         "vocab_size": vocab,
         "hidden_size": preset.hidden,
         "num_hidden_layers": preset.layers,
-        "num_attention_heads": preset.heads,
-        "num_key_value_heads": preset.kv_heads,
-        "head_dim": preset.hidden // preset.heads,
         "num_experts_per_tok": preset.top_k,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5 if preset.family == "mixtral" else 1e-6,
+        "rms_norm_eps": 1e-6,
         "rope_theta": 1e6,
         "initializer_range": 0.02,
         "tie_word_embeddings": False,
@@ -141,60 +145,26 @@ def model_config(preset: Preset) -> dict:
         "pad_token_id": BYTE_VOCAB + 2,
         "torch_dtype": "bfloat16",
     }
-    if preset.family == "mixtral":
-        family = {
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
-            "intermediate_size": preset.intermediate,
-            "num_local_experts": preset.experts,
-        }
-    else:
-        family = {
-            "architectures": ["Qwen2MoeForCausalLM"],
-            "model_type": "qwen2_moe",
-            "intermediate_size": preset.shared_intermediate,
-            "moe_intermediate_size": preset.intermediate,
-            "shared_expert_intermediate_size": preset.shared_intermediate,
-            "num_experts": preset.experts,
-            "norm_topk_prob": False,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "qkv_bias": True,
-            "use_sliding_window": False,
-        }
-    return {**family, **common}
+    return {**common, **family_for(preset.family).demo_config(preset)}
 
 
 def _shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
-    h, i, head_dim = preset.hidden, preset.intermediate, preset.hidden // preset.heads
-    vocab = BYTE_VOCAB + len(SPECIAL_TOKENS)
-    qwen = preset.family == "qwen2_moe"
-    block, names = ("mlp", ("gate_proj", "down_proj", "up_proj")) if qwen else ("block_sparse_moe", ("w1", "w2", "w3"))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
-    for layer in range(preset.layers):
-        p = f"model.layers.{layer}"
-        shapes[f"{p}.input_layernorm.weight"] = (h,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
-        for proj, rows in (("q", preset.heads), ("k", preset.kv_heads), ("v", preset.kv_heads)):
-            shapes[f"{p}.self_attn.{proj}_proj.weight"] = (rows * head_dim, h)
-            if qwen:
-                shapes[f"{p}.self_attn.{proj}_proj.bias"] = (rows * head_dim,)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (h, preset.heads * head_dim)
-        shapes[f"{p}.{block}.gate.weight"] = (preset.experts, h)
-        for e in range(preset.experts):
-            gate, down, up = names
-            shapes[f"{p}.{block}.experts.{e}.{gate}.weight"] = (i, h)
-            shapes[f"{p}.{block}.experts.{e}.{down}.weight"] = (h, i)
-            shapes[f"{p}.{block}.experts.{e}.{up}.weight"] = (i, h)
-        if preset.shared_intermediate:
-            s = preset.shared_intermediate
-            shapes[f"{p}.mlp.shared_expert.gate_proj.weight"] = (s, h)
-            shapes[f"{p}.mlp.shared_expert.up_proj.weight"] = (s, h)
-            shapes[f"{p}.mlp.shared_expert.down_proj.weight"] = (h, s)
-            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, h)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (vocab, h)
-    return shapes
+    """Every tensor of a preset's checkpoint: the dense ones the runtime reads (`zipmoe.runtime.shapes`), each
+    layer's routed experts after its router, in per-expert layout."""
+    from zipmoe.runtime.config import ModelArgs
+    from zipmoe.runtime.shapes import dense_shapes, expert_shapes, router_name
+
+    args = ModelArgs.from_hf_config(model_config(preset))
+    dense = dense_shapes(args)
+    tail = {name: dense.pop(name) for name in ("model.norm.weight", "lm_head.weight")}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in dense.items():
+        shapes[name] = shape
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if layer is not None and name == router_name(args, int(layer)):
+            for e in range(args.n_experts):
+                shapes.update(expert_shapes(args, int(layer), e))
+    return shapes | tail
 
 
 def build_demo_checkpoint(out_dir: Path, preset: str = "small", seed: int = 0, force: bool = False) -> Path:
@@ -314,11 +284,16 @@ def _write_json(path: Path, doc: dict) -> None:
 
 
 def cached_demo_checkpoint(preset: str) -> Path:
-    """The demo checkpoint of ``preset`` in zipmoe's cache directory (`zipmoe.store.cache_dir`), built on first use."""
+    """The demo checkpoint of ``preset`` in zipmoe's cache directory (`zipmoe.store.cache_dir`), built on first use and
+    again when the preset's config.json has changed."""
     from zipmoe.store import cache_dir
 
     cache = cache_dir() / f"demo-{preset}"
-    if not (cache / "config.json").is_file():
+    try:
+        current = json.loads((cache / "config.json").read_text(encoding="utf-8")) == model_config(PRESETS[preset])
+    except (OSError, ValueError):
+        current = False
+    if not current:  # never built, or built by a zipmoe whose preset differed
         build_demo_checkpoint(cache, preset, force=True)
     return cache
 

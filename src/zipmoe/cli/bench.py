@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Optional
@@ -546,6 +547,8 @@ def _serving_containers(source: Path, quiet: bool) -> dict[str, Path]:
         try:
             with Container(path) as c:
                 stale = coder is not None and not all(layout.split for layout in c.expert_layouts.values())
+                # the checkpoint was rebuilt (its preset changed) since this container was packed
+                stale = stale or c.manifest.config != json.loads((source / "config.json").read_text(encoding="utf-8"))
         except ZipmoeError:
             stale = True
         if stale:

@@ -1,4 +1,4 @@
-"""Which tensors of a checkpoint are routed experts, by architecture.
+"""Which tensors of a checkpoint are routed experts, by architecture (the families of `zipmoe.families`).
 
 Routed experts are stored one record per (layer, expert) so a cache miss is one read; everything else (attention,
 embeddings, norms, routers, shared experts) is dense. Two layouts exist on disk:
@@ -18,27 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from zipmoe.families import FAMILIES, family_for
 from zipmoe.formats.safetensors_file import SourceTensor
-
-
-@dataclass(frozen=True)
-class Family:
-    """An architecture whose routed experts zipmoe recognises."""
-
-    name: str
-    model_types: tuple[str, ...]
-    n_experts_keys: tuple[str, ...]  # config.json keys that may hold the number of routed experts, first wins
-
-
-FAMILIES = (
-    Family("mixtral", ("mixtral",), ("num_local_experts",)),
-    Family("qwen2_moe", ("qwen2_moe",), ("num_experts",)),
-    # Hub configs say num_experts; transformers 5 saves num_local_experts.
-    Family("qwen3_moe", ("qwen3_moe",), ("num_experts", "num_local_experts")),
-    Family("olmoe", ("olmoe",), ("num_experts",)),
-    Family("deepseek_v2", ("deepseek_v2",), ("n_routed_experts",)),
-    Family("deepseek_v3", ("deepseek_v3",), ("n_routed_experts",)),
-)
 
 _PER_EXPERT = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.+\.)?experts\.(?P<expert>\d+)\.(?P<member>.+)$")
 _FUSED = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.+\.)?experts\.(?P<member>[A-Za-z_][^.]*)$")
@@ -70,10 +51,6 @@ class ModelLayout:
             "n_layers": self.n_layers,
             "n_experts": self.n_experts,
         }
-
-
-def family_for(model_type: str | None) -> Family | None:
-    return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
 def classify(config: dict[str, Any] | None, tensors: list[SourceTensor]) -> ModelLayout:
@@ -111,10 +88,11 @@ def classify(config: dict[str, Any] | None, tensors: list[SourceTensor]) -> Mode
     return ModelLayout(model_type, family.name, n_layers, n_experts, experts, tuple(warnings))
 
 
-# What each member of a routed expert computes, by the projection name checkpoints give it: Mixtral's w1/w3/w2, the
-# gate_proj/up_proj/down_proj of the others, and gate_up_proj, the [2I, H] gate rows then up rows of fused layouts.
-EXPERT_ROLES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down",
-                "gate_up_proj": "gate_up"}  # fmt: skip
+# What each member of a routed expert computes, by the projection names of every family (Mixtral's w1/w3/w2, the
+# gate_proj/up_proj/down_proj of the others), and gate_up_proj, the [2I, H] gate rows then up rows of fused layouts.
+EXPERT_ROLES = {name: role for f in FAMILIES for name, role in zip(f.projections, ("gate", "up", "down"))} | {
+    "gate_up_proj": "gate_up"
+}
 _MEMBER = re.compile(r"experts\.(?:\d+\.)?(?P<proj>[A-Za-z0-9_]+?)(?:\.weight)?$")
 
 

@@ -61,21 +61,21 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def parse_rope(f: Fields, context: int | None, yarn_families: tuple[str, ...], family: str) -> RopeArgs | None:
+def parse_rope(f: Fields, context: int | None, yarn: bool, family: str) -> RopeArgs | None:
     """The RoPE parameters of a config (None after recording a problem).
 
     Args:
         f: the config's fields.
         context: its ``max_position_embeddings`` (YaRN's default ``original_max_position_embeddings``).
-        yarn_families: the families whose YaRN the runtime implements; others accept only plain RoPE.
-        family: this config's family.
+        yarn: whether the family may scale RoPE with YaRN (else only plain RoPE is accepted).
+        family: the family's name, for messages.
     """
     key = "rope_parameters" if f.doc.get("rope_parameters") is not None else "rope_scaling"
     rope = f.doc.get(key) or {}
     if not isinstance(rope, dict):
         return f.bad(key, "an object", rope)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    allowed = ROPE_TYPES if family in yarn_families else ROPE_TYPES[:1]
+    allowed = ROPE_TYPES if yarn else ROPE_TYPES[:1]
     if rope_type not in allowed:
         quoted = ", ".join(repr(t) for t in allowed)
         return f.fail(f"rope_type {show(rope_type)} is not supported for {family} (supported: {quoted})")

@@ -9,7 +9,7 @@ and ``down_proj`` tensors that newer transformers save.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,8 @@ from zipmoe.quant.amat import base_quantized
 from zipmoe.quant.spec import SliceSpec
 from zipmoe.runtime.config import ModelArgs, UnsupportedModelError
 from zipmoe.runtime.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, fold_fp8_scales, fold_fp8_stream, scale_block
-from zipmoe.runtime.model import ExpertWeights, correction_bias_name, router_name
+from zipmoe.runtime.model import ExpertWeights
+from zipmoe.runtime.shapes import dense_shapes
 
 _TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -176,7 +177,7 @@ def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, Small
         if args.mtp_layers:
             layers += f" and up to {args.mtp_layers} multi-token-prediction layer(s)"
         raise UnsupportedModelError(f"config.json says {layers}, the container holds tensors for {held}")
-    for name, shape in dense_shapes(args, tensors).items():
+    for name, shape in dense_shapes(args).items():
         tensor = tensors.get(name)
         if tensor is None or tensor.tensor_class != CLASS_DENSE:
             raise UnsupportedModelError(f"config.json implies a tensor {name} {list(shape)}; the container has none")
@@ -202,76 +203,6 @@ def _check_scale(scale, weight: str, shape: tuple[int, ...], block: int, label: 
             f"{label} is FP8: config.json implies a F32 {weight + SCALE_SUFFIX} {list(grid)} "
             f"({block}x{block} blocks), the container holds {held}"
         )
-
-
-def dense_shapes(args: ModelArgs, names: Collection[str]) -> dict[str, tuple[int, ...]]:
-    """The dense tensors the model reads, by checkpoint name, with their shapes (``names``: to find the routers)."""
-    h, v = args.hidden_size, args.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not args.tie_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for layer in range(args.n_layers):
-        shapes.update(_attention_shapes(args, f"model.layers.{layer}."))
-        p = f"model.layers.{layer}.mlp."
-        if not args.sparse_layers[layer]:
-            shapes.update(_mlp_shapes(p, args.dense_intermediate, h))
-            continue
-        router = router_name(names, layer)
-        shapes[router] = (args.n_experts, h)
-        if args.router.correction_bias:
-            shapes[correction_bias_name(router)] = (args.n_experts,)
-        if args.shared_expert_intermediate and args.shared_expert_gated:
-            shapes.update(_mlp_shapes(p + "shared_expert.", args.shared_expert_intermediate, h))
-            shapes[p + "shared_expert_gate.weight"] = (1, h)
-        elif args.shared_expert_intermediate:
-            shapes.update(_mlp_shapes(p + "shared_experts.", args.shared_expert_intermediate, h))
-    return shapes
-
-
-def _attention_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
-    h, q, kv = args.hidden_size, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    if args.mla is not None:
-        return {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                **_latent_attention_shapes(args, p + "self_attn.")}  # fmt: skip
-    a = p + "self_attn."
-    shapes = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-              a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
-              a + "o_proj.weight": (h, q)}  # fmt: skip
-    if args.qkv_bias:
-        shapes.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,)})
-    if args.o_bias:
-        shapes[a + "o_proj.bias"] = (h,)
-    if args.qk_norm == "head":
-        shapes.update({a + "q_norm.weight": (args.head_dim,), a + "k_norm.weight": (args.head_dim,)})
-    elif args.qk_norm == "full":
-        shapes.update({a + "q_norm.weight": (q,), a + "k_norm.weight": (kv,)})
-    return shapes
-
-
-def _latent_attention_shapes(args: ModelArgs, a: str) -> dict[str, tuple[int, ...]]:
-    """DeepSeek's MLA projections under ``a`` (``model.layers.N.self_attn.``)."""
-    m, h, n = args.mla, args.hidden_size, args.n_heads
-    shapes = {a + "kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, h),
-              a + "kv_a_layernorm.weight": (m.kv_lora_rank,),
-              a + "kv_b_proj.weight": (n * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
-              a + "o_proj.weight": (h, n * m.v_head_dim)}  # fmt: skip
-    if m.q_lora_rank is None:
-        shapes[a + "q_proj.weight"] = (n * m.qk_head_dim, h)
-    else:
-        shapes.update({a + "q_a_proj.weight": (m.q_lora_rank, h), a + "q_a_layernorm.weight": (m.q_lora_rank,),
-                       a + "q_b_proj.weight": (n * m.qk_head_dim, m.q_lora_rank)})  # fmt: skip
-    if args.qkv_bias:
-        shapes[a + "kv_a_proj_with_mqa.bias"] = (m.kv_lora_rank + m.qk_rope_head_dim,)
-        if m.q_lora_rank is not None:
-            shapes[a + "q_a_proj.bias"] = (m.q_lora_rank,)
-    if args.o_bias:
-        shapes[a + "o_proj.bias"] = (h,)
-    return shapes
-
-
-def _mlp_shapes(prefix: str, intermediate: int, hidden: int) -> dict[str, tuple[int, ...]]:
-    return {prefix + "gate_proj.weight": (intermediate, hidden), prefix + "up_proj.weight": (intermediate, hidden),
-            prefix + "down_proj.weight": (hidden, intermediate)}  # fmt: skip
 
 
 def _check_experts(args: ModelArgs, manifest: Manifest, block: int) -> None:

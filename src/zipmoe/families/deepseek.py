@@ -1,4 +1,4 @@
-"""DeepSeek-V2 and DeepSeek-V3 ``config.json`` mapping: multi-head latent attention, the first
+"""DeepSeek-V2 (``deepseek_v2``, V2 and V2-Lite) and DeepSeek-V3 (``deepseek_v3``, and the models built on it): multi-head latent attention, the first
 ``first_k_dense_replace`` layers dense, ungated shared experts, and their routers. Defaults are those of the
 transformers config classes when a key is missing. This module does not import torch.
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from zipmoe.families import Family
 from zipmoe.runtime.block_args import MlaArgs, RouterArgs
 from zipmoe.runtime.fields import MAX_EXPERTS, MAX_HEAD_DIM, MAX_HEADS, MAX_INTERMEDIATE, MAX_LAYERS, Fields
 
-DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 # transformers' defaults that differ between the two.
 _DEFAULTS = {
     "deepseek_v2": dict(norm_topk_prob=False, routed_scaling_factor=1.0, n_group=None, topk_group=None,
@@ -27,8 +27,8 @@ _METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("
 _SCORING = {"deepseek_v2": "softmax", "deepseek_v3": "sigmoid"}
 
 
-def deepseek_values(f: Fields, family: str, n_layers: int | None) -> dict[str, Any]:
-    """The `ModelArgs` fields of a DeepSeek config that differ from the GQA families' (attention, experts, router)."""
+def parse(f: Fields, family: str, n_layers: int | None, hidden: int | None) -> dict[str, Any]:
+    """The attention, expert and router fields of a DeepSeek config."""
     defaults = _DEFAULTS[family]
     n_heads = f.integer("num_attention_heads", 1, MAX_HEADS)
     mla = _mla(f, family)
@@ -139,3 +139,48 @@ def _mtp_layers(f: Fields, family: str) -> int:
         return 0
     key = "num_nextn_predict_layers" if f.doc.get("num_nextn_predict_layers") is not None else "num_mtp_layers"
     return f.integer(key, 0, MAX_LAYERS, default=1) or 0
+
+
+def demo_config(preset: Any) -> dict[str, Any]:
+    """DeepSeek-V2-Lite's keys, its dimensions scaled to the preset's: MLA without a query projection rank (head size
+    hidden / heads, half of it rotary, a latent of hidden / 4), softmax greedy routing, shared experts of
+    ``moe_intermediate_size`` each (``preset.shared_intermediate`` in all), YaRN rope. For a 2048-wide, 16-head
+    preset these are V2-Lite's own. Every layer is MoE: V2-Lite's one dense first layer is left out, as the bench
+    presets keep two MoE layers of its 26."""
+    head = preset.hidden // preset.heads
+    return {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "num_attention_heads": preset.heads,
+        "num_key_value_heads": preset.heads,
+        "q_lora_rank": None,
+        "kv_lora_rank": preset.hidden // 4,
+        "qk_nope_head_dim": head,
+        "qk_rope_head_dim": head // 2,
+        "v_head_dim": head,
+        "intermediate_size": 8 * preset.intermediate,  # the dense MLP of first_k_dense_replace layers: none here
+        "moe_intermediate_size": preset.intermediate,
+        "n_routed_experts": preset.experts,
+        "n_shared_experts": preset.shared_intermediate // preset.intermediate,
+        "first_k_dense_replace": 0,
+        "moe_layer_freq": 1,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "scoring_func": "softmax",
+        "routed_scaling_factor": 1.0,
+        "norm_topk_prob": False,
+        "attention_bias": False,
+        "max_position_embeddings": 163_840,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    }  # fmt: skip
+
+
+_COMMON = dict(n_experts_keys=("n_routed_experts",), projections=("gate_proj", "up_proj", "down_proj"),
+               moe_block="mlp", parse=parse, demo_config=demo_config, yarn=True, routing="synthetic:deepseek")  # fmt: skip
+FAMILIES = (
+    Family("deepseek_v2", default_context=2048, **_COMMON),
+    Family("deepseek_v3", default_context=4096, **_COMMON),
+)
