@@ -243,22 +243,25 @@ def _accelerate(config: dict[str, Any], prompt: list[int], sampling: Any) -> dic
 def _offload_map(checkpoint: str, device: int | str, fraction: float) -> dict[str, int | str]:
     """An accelerate device map that keeps everything on ``device`` but the routed experts of the last ``fraction``
     of the MoE layers, which go to disk (accelerate offloads whole modules: one layer's experts at a time)."""
+    import re
+
+    import accelerate
+    import transformers
+
     from zipmoe.formats.checkpoint import open_checkpoint
     from zipmoe.runtime.config import ModelArgs
 
-    args = ModelArgs.from_hf_config(open_checkpoint(checkpoint).config)
-    if args.family != "qwen2_moe":
-        raise ZipmoeError(f"the accelerate baseline maps Qwen2-MoE modules only, not {args.family}")
+    config = open_checkpoint(checkpoint).config
+    args = ModelArgs.from_hf_config(config)
     on_disk = set(range(args.n_layers - round(args.n_layers * fraction), args.n_layers))
-    device_map: dict[str, int | str] = {
-        name: device for name in ("model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head")
-    }
-    for i in range(args.n_layers):
-        p = f"model.layers.{i}."
-        for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate", "mlp.shared_expert",
-                     "mlp.shared_expert_gate"):  # fmt: skip
-            device_map[p + name] = device
-        device_map[p + "mlp.experts"] = "disk" if i in on_disk else device
+    with accelerate.init_empty_weights():  # the modules as transformers names them (they differ from the files')
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    device_map: dict[str, int | str] = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        if m := re.match(r"model\.layers\.(\d+)\.(?:.+\.)?experts(?=\.)", name):  # a layer's routed experts: one module
+            device_map[m[0]] = "disk" if int(m[1]) in on_disk else device
+        else:
+            device_map[name.rsplit(".", 1)[0]] = device
     return device_map
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from zipmoe.families import family_for
 from zipmoe.planning.activation import fit_weights
 from zipmoe.planning.calibration import calibrate
 from zipmoe.planning.planner import Plan, plan_tiers
 from zipmoe.runtime.routing import RoutingError, RoutingTrace, parse_routing
 from zipmoe.summary import manifest_sha256
 
-AUTO_ROUTING = {"deepseek_v2": "synthetic:deepseek", "deepseek_v3": "synthetic:deepseek"}  # else synthetic:qwen
 FIT_REQUESTS = 64  # requests of a synthetic trace the model is fitted on
 FIT_TOKENS = 64
 
 
 def auto_routing(model_type: str | None) -> str:
     """The synthetic routing an architecture is planned with when no trace is given."""
-    return AUTO_ROUTING.get(model_type or "", "synthetic:qwen")
+    family = family_for(model_type)
+    return family.routing if family is not None else "synthetic:qwen"
 
 
 def plan_engine(
