@@ -63,9 +63,12 @@ def test_container_serves_the_same_bits_as_the_safetensors(checkpoints, family):
                 assert stats.served_from["storage"] > 0 and stats.peak_bytes <= e.budget
 
 
-def test_fused_layout_serves_like_per_expert(checkpoints):
-    per_expert = reference_model(checkpoints.family("qwen3_moe"))
-    with engine(checkpoints.packed(checkpoints.family("qwen3_moe", fused=True))) as e:
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "mixtral"]
+)  # fused Mixtral keeps its router under mlp, not block_sparse_moe
+def test_fused_layout_serves_like_per_expert(checkpoints, family):
+    per_expert = reference_model(checkpoints.family(family))
+    with engine(checkpoints.packed(checkpoints.family(family, fused=True))) as e:
         tokens = torch.tensor(PROMPT)
         assert torch.equal(
             e.model.forward(tokens, 0, e.model.new_cache(16), all_logits=True),

@@ -42,8 +42,16 @@ PRESETS = {
     "tiny": Preset(hidden=128, intermediate=256, layers=2, experts=4, heads=4, kv_heads=2, max_shard_bytes=1 << 30),
     # The DeepSeek-V2 architecture (multi-head latent attention, shared experts) at the size of "tiny".
     "tiny-deepseek": Preset(
-        hidden=128, intermediate=128, layers=2, experts=8, heads=4, kv_heads=4, max_shard_bytes=1 << 30,
-        family="deepseek_v2", top_k=2, shared_intermediate=256,
+        hidden=128,
+        intermediate=128,
+        layers=2,
+        experts=8,
+        heads=4,
+        kv_heads=4,
+        max_shard_bytes=1 << 30,
+        family="deepseek_v2",
+        top_k=2,
+        shared_intermediate=256,
     ),  # fmt: skip
     # `make demo`: ~120 MB in three shards.
     "small": Preset(hidden=512, intermediate=1024, layers=4, experts=8, heads=8, kv_heads=4, max_shard_bytes=50 << 20),

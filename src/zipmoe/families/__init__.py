@@ -35,7 +35,8 @@ class Family:
         n_experts_keys: config keys that may hold the number of routed experts, the first present wins.
         projections: the gate, up and down projection names of a routed expert (a fused checkpoint's
             ``gate_up_proj`` is recognised for every family).
-        moe_block: the module holding a MoE layer's router and experts (``mlp`` or ``block_sparse_moe``).
+        moe_blocks: the modules that may hold a MoE layer's router and experts, the Hub checkpoints' first
+            (Mixtral's ``block_sparse_moe``; transformers 5 names it ``mlp`` in the fused state dicts it saves).
         default_context: ``max_position_embeddings`` when the config has none (the transformers default).
         parse: maps checked config fields to the family's `ModelArgs` fields: ``parse(fields, name, n_layers,
             hidden)`` returns attention, expert and router values (None where a field was bad; ``fields``
@@ -48,7 +49,7 @@ class Family:
     name: str
     n_experts_keys: tuple[str, ...]
     projections: tuple[str, str, str]
-    moe_block: str
+    moe_blocks: tuple[str, ...]
     default_context: int
     parse: Callable[[Fields, str, int | None, int | None], dict[str, Any]]
     demo_config: Callable[[Any], dict[str, Any]]

@@ -106,4 +106,3 @@ def demo_attention(preset: Any) -> dict[str, Any]:
         "num_key_value_heads": preset.kv_heads,
         "head_dim": preset.hidden // preset.heads,
     }
-

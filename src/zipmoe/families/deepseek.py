@@ -179,7 +179,7 @@ def demo_config(preset: Any) -> dict[str, Any]:
 
 
 _COMMON = dict(n_experts_keys=("n_routed_experts",), projections=("gate_proj", "up_proj", "down_proj"),
-               moe_block="mlp", parse=parse, demo_config=demo_config, yarn=True, routing="synthetic:deepseek")  # fmt: skip
+               moe_blocks=("mlp",), parse=parse, demo_config=demo_config, yarn=True, routing="synthetic:deepseek")  # fmt: skip
 FAMILIES = (
     Family("deepseek_v2", default_context=2048, **_COMMON),
     Family("deepseek_v3", default_context=4096, **_COMMON),

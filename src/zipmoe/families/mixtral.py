@@ -40,7 +40,7 @@ FAMILIES = (
         "mixtral",
         n_experts_keys=("num_local_experts",),
         projections=("w1", "w3", "w2"),
-        moe_block="block_sparse_moe",
+        moe_blocks=("block_sparse_moe", "mlp"),
         default_context=131_072,
         parse=parse,
         demo_config=demo_config,

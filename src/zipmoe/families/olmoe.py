@@ -38,7 +38,7 @@ FAMILIES = (
         "olmoe",
         n_experts_keys=("num_experts",),
         projections=("gate_proj", "up_proj", "down_proj"),
-        moe_block="mlp",
+        moe_blocks=("mlp",),
         default_context=4096,
         parse=parse,
         demo_config=demo_config,

@@ -64,7 +64,7 @@ def demo_config(preset: Any) -> dict[str, Any]:
     }
 
 
-_COMMON = dict(projections=("gate_proj", "up_proj", "down_proj"), moe_block="mlp", default_context=32_768,
+_COMMON = dict(projections=("gate_proj", "up_proj", "down_proj"), moe_blocks=("mlp",), default_context=32_768,
                parse=parse, demo_config=demo_config)  # fmt: skip
 FAMILIES = (
     Family("qwen2_moe", n_experts_keys=("num_experts",), **_COMMON),

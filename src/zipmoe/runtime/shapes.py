@@ -5,13 +5,17 @@ are made of (`zipmoe.demo`). Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from zipmoe.families import family_for
 from zipmoe.runtime.config import ModelArgs
 
 
-def router_name(args: ModelArgs, layer: int) -> str:
-    """The router weight of MoE layer ``layer``: ``mlp.gate`` or, for Mixtral, ``block_sparse_moe.gate``."""
-    return f"model.layers.{layer}.{family_for(args.family).moe_block}.gate.weight"
+def router_name(args: ModelArgs, layer: int, names: Collection[str] = ()) -> str:
+    """The router weight of MoE layer ``layer``: ``mlp.gate`` or, for Mixtral, ``block_sparse_moe.gate`` (or
+    ``mlp.gate``, whichever of the family's blocks ``names`` holds; the first when none)."""
+    candidates = [f"model.layers.{layer}.{block}.gate.weight" for block in family_for(args.family).moe_blocks]
+    return next((name for name in candidates if name in names), candidates[0])
 
 
 def correction_bias_name(router: str) -> str:
@@ -24,12 +28,13 @@ def expert_shapes(args: ModelArgs, layer: int, expert: int) -> dict[str, tuple[i
     family = family_for(args.family)
     gate, up, down = family.projections
     h, i = args.hidden_size, args.moe_intermediate
-    p = f"model.layers.{layer}.{family.moe_block}.experts.{expert}."
+    p = f"model.layers.{layer}.{family.moe_blocks[0]}.experts.{expert}."
     return {p + gate + ".weight": (i, h), p + down + ".weight": (h, i), p + up + ".weight": (i, h)}
 
 
-def dense_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The dense tensors the model reads, by checkpoint name, with their shapes."""
+def dense_shapes(args: ModelArgs, names: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+    """The dense tensors the model reads, by checkpoint name, with their shapes (``names``: the tensors a container
+    holds, to find routers where the family has several places for them)."""
     h, v = args.hidden_size, args.vocab_size
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not args.tie_embeddings:
@@ -40,7 +45,7 @@ def dense_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         if not args.sparse_layers[layer]:
             shapes.update(_mlp_shapes(p, args.dense_intermediate, h))
             continue
-        router = router_name(args, layer)
+        router = router_name(args, layer, names)
         shapes[router] = (args.n_experts, h)
         if args.router.correction_bias:
             shapes[correction_bias_name(router)] = (args.n_experts,)

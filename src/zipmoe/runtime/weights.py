@@ -177,7 +177,7 @@ def check_tensors(args: ModelArgs, manifest: Manifest, small: Mapping[str, Small
         if args.mtp_layers:
             layers += f" and up to {args.mtp_layers} multi-token-prediction layer(s)"
         raise UnsupportedModelError(f"config.json says {layers}, the container holds tensors for {held}")
-    for name, shape in dense_shapes(args).items():
+    for name, shape in dense_shapes(args, tensors).items():
         tensor = tensors.get(name)
         if tensor is None or tensor.tensor_class != CLASS_DENSE:
             raise UnsupportedModelError(f"config.json implies a tensor {name} {list(shape)}; the container has none")
