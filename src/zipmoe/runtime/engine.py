@@ -18,18 +18,24 @@ from zipmoe.errors import FormatError, ZipmoeError
 from zipmoe.formats.reader import Container
 from zipmoe.planning.planner import LoadedPlan, PlanError, read_plan
 from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
+from zipmoe.runtime.batching import BatchScheduler
 from zipmoe.runtime.config import ModelArgs, read_token_ids
 from zipmoe.runtime.fp8 import scale_block
-from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
+from zipmoe.runtime.generate import FINISH_STOP, GenerationResult, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
 from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline, PipelineStats
 from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, PlannedLFU, SlicePolicy
 from zipmoe.runtime.representations import COMPRESSED, DECODED, LSB, MSB, SM, LosslessExperts, SliceExperts
-from zipmoe.runtime.request import check_prompt  # torch-free; also importable from here as before
+from zipmoe.runtime.request import (  # torch-free; check_prompt also importable from here as before
+    check_prompt,
+    generation_defaults,
+    sampling_with_defaults,
+)
 from zipmoe.runtime.routing import RoutingRecorder, RoutingReplay, RoutingTrace
+from zipmoe.runtime.stops import StopMatcher
 from zipmoe.runtime.storage import IO_MODES, Storage
 from zipmoe.runtime.tiers import Tiers
-from zipmoe.runtime.tokenizer import StreamDecoder, TextTokenizer
+from zipmoe.runtime.tokenizer import TextTokenizer
 from zipmoe.runtime.weights import base_transform, check_tensors, resident_weights, runs_tensor, to_tensor
 from zipmoe.sizes import parse_size  # sizes are read in one place; also importable from here as before
 from zipmoe.summary import manifest_sha256
@@ -226,7 +232,10 @@ class Engine:
         self.container = Container(path)
         self.args = ModelArgs.from_hf_config(self.container.manifest.config)
         check_tensors(self.args, self.container.manifest, self.container.small_tensors)
+        self._generation_config = self._read_generation_config()
         self._eos_ids = self._read_eos_ids()
+        # the sampling defaults of generation_config.json, and a warning for each value of it ignored (for the CLI)
+        self.generation_defaults, self.generation_warnings = generation_defaults(self._generation_config or {})
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.threads = options.threads or available_cpus()
@@ -386,15 +395,30 @@ class Engine:
         """The end-of-sequence tokens of config.json and generation_config.json."""
         return self._eos_ids
 
-    def _read_eos_ids(self) -> tuple[int, ...]:
+    def default_sampling(self, **overrides: Any) -> SamplingOptions:
+        """`SamplingOptions` with this container's generation_config.json defaults (`generation_defaults`: greedy
+        unless it sets ``do_sample``), and the ``overrides`` (field values; None: the default) on top.
+
+        Raises:
+            SamplingError: a value out of range, naming its flag.
+        """
+        return sampling_with_defaults(self.generation_defaults, **overrides)
+
+    def _read_generation_config(self) -> dict[str, Any] | None:
         name = "generation_config.json"
         if not any(f.name == name for f in self.container.manifest.files):
-            return self.args.eos_token_ids
+            return None
         where = f"{self.container.path}: embedded {name}"
         doc = load_json(self.container.read_file(name), lambda reason: FormatError(f"{where}: {reason}"))
         if not isinstance(doc, dict):
             raise FormatError(f"{where}: expected a JSON object, got {type(doc).__name__}")
-        generation = read_token_ids(doc, "eos_token_id", self.args.vocab_size, name)
+        return doc
+
+    def _read_eos_ids(self) -> tuple[int, ...]:
+        if self._generation_config is None:
+            return self.args.eos_token_ids
+        doc = self._generation_config
+        generation = read_token_ids(doc, "eos_token_id", self.args.vocab_size, "generation_config.json")
         return tuple(sorted(set(self.args.eos_token_ids) | set(generation)))
 
     def generate_tokens(self, prompt: list[int], sampling: SamplingOptions, on_token=None) -> GenerationResult:
@@ -407,6 +431,13 @@ class Engine:
         result = generate(self.model, prompt, sampling, eos_ids=self.eos_ids(), on_token=on_token)
         result.cache = stats_since(before, self.pipeline.stats)
         return result
+
+    def scheduler(self, **kwargs: Any) -> BatchScheduler:
+        """A continuous-batching scheduler over this engine's model and end-of-sequence tokens; ``kwargs`` are
+        `zipmoe.runtime.batching.BatchScheduler`'s (``max_batch``, ``max_queue``, ``max_context``, ``prefill_chunk``).
+        The expert cache is shared with `generate_tokens`; ``self.pipeline.stats`` counts every sequence's work.
+        """
+        return BatchScheduler(self.model, eos_ids=self.eos_ids(), **kwargs)
 
     def generate_text(
         self, prompt: str, sampling: SamplingOptions, *, chat: bool = False, on_text=None
@@ -429,17 +460,30 @@ class Engine:
     def generate_text_from(
         self, ids: list[int], sampling: SamplingOptions, *, on_text=None
     ) -> tuple[str, GenerationResult]:
-        """Generate after prompt token ids; the new text, and ``on_text`` receives it as it is produced."""
-        stream = StreamDecoder(self.tokenizer)
+        """Generate after prompt token ids; the new text, and ``on_text`` receives it as it is produced.
+
+        The text ends before the first of ``sampling.stop`` to appear, with ``finish_reason`` ``"stop"``
+        (`zipmoe.runtime.stops`): the token callback returns True there, which ends the token loop.
+        """
+        matcher = StopMatcher(self.tokenizer, sampling.stop)
         pieces: list[str] = []
 
-        def emit(token: int) -> None:
-            piece = stream.push(token)
+        def emit(token: int) -> bool:
+            piece, stopped = matcher.push(token)
             pieces.append(piece)
             if on_text is not None and piece:
                 on_text(piece)
+            return stopped
 
         result = self.generate_tokens(ids, sampling, emit)
+        if matcher.stopped:  # a loop that went on past the stop: its tokens are not this generation's
+            del result.tokens[matcher.tokens :], result.step_seconds[max(matcher.tokens - 1, 0) :]
+            result.finish_reason = FINISH_STOP
+        else:
+            tail = matcher.flush()
+            pieces.append(tail)
+            if on_text is not None and tail:
+                on_text(tail)
         return "".join(pieces), result
 
     def close(self) -> None:

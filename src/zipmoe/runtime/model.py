@@ -8,14 +8,20 @@ container). The arithmetic follows transformers' eager implementations step by s
 in float32, experts accumulated with ``index_add_`` in increasing expert order), so logits match transformers and
 do not depend on the order in which experts arrive from storage.
 
-Shape legend: T tokens of this step, H hidden size, E experts, K experts per token, V vocabulary.
+A forward pass may hold several sequences (`Transformer.forward_batch`, driven by `zipmoe.runtime.batching`): each
+is a `Segment` with its own tokens, positions, cache and routing trace. Embeddings, norms, MLPs, routers and experts
+run on all their tokens at once, so each MoE layer asks its expert backend once for the whole batch; attention runs
+per segment, over that segment's cache. `Transformer.forward` is the one-segment case of the same code.
+
+Shape legend: T tokens of this step (all segments together), S segments, H hidden size, E experts, K experts per
+token, V vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ from zipmoe.runtime.attention_mla import LatentAttention, LatentCache
 from zipmoe.runtime.config import ModelArgs
 from zipmoe.runtime.ops import mlp, rms_norm
 from zipmoe.runtime.router import choose_experts, order_by_score, router_scores, routing_weights
+from zipmoe.runtime.shapes import correction_bias_name, router_name
 
 # KVCache, mlp and rms_norm moved to their own modules; they stay importable from here.
 
@@ -125,6 +132,17 @@ class RoutingRecorder(Protocol):
     def record(self, layer_position: int, top_index: np.ndarray) -> None: ...
 
 
+class Segment(NamedTuple):
+    """One sequence's part of a forward pass: ``tokens`` ([T_i]) at positions ``start..start+T_i-1``, the cache they
+    extend, and the routing trace they follow (None: the model's `Transformer.replay`, which may be None: the
+    router)."""
+
+    tokens: torch.Tensor
+    start: int
+    cache: KVCache | LatentCache
+    replay: RoutingReplay | None = None
+
+
 class Transformer:
     """The model: resident dense weights plus an expert backend.
 
@@ -143,13 +161,13 @@ class Transformer:
         self.lm_head = weights["model.embed_tokens.weight"] if args.tie_embeddings else weights["lm_head.weight"]
         kind = LatentAttention if args.mla is not None else GroupedQueryAttention
         self.attention: GroupedQueryAttention | LatentAttention = kind(args, weights, self.device)
-        self.router_names = [router_name(weights, i) for i in range(args.n_layers)]
+        self.router_names = [router_name(args, i, weights) for i in range(args.n_layers)]
         self.moe_position = {
             layer: i for i, layer in enumerate(n for n in range(args.n_layers) if args.sparse_layers[n])
         }
-        self.replay: RoutingReplay | None = None  # experts from a routing trace instead of the router
-        self.recorder: RoutingRecorder | None = None  # sees every MoE layer's choices
-        self._start = 0
+        # experts from a routing trace instead of the router, for segments that bring no trace of their own
+        self.replay: RoutingReplay | None = None
+        self.recorder: RoutingRecorder | None = None  # sees every MoE layer's choices (all segments, in order)
 
     def new_cache(self, max_len: int) -> KVCache | LatentCache:
         return self.attention.new_cache(max_len, self.device, self.dtype)
@@ -161,28 +179,87 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start: int, cache: KVCache | LatentCache, *, all_logits: bool = False
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        cache: KVCache | LatentCache,
+        *,
+        all_logits: bool = False,
+        replay: RoutingReplay | None = None,
     ) -> torch.Tensor:
-        """Run ``tokens`` ([T], positions ``start..start+T-1``) through the model, filling the cache.
+        """Run ``tokens`` ([T], positions ``start..start+T-1``) through the model, filling the cache; ``replay``:
+        the routing trace they follow (None: `replay`). The one-segment case of `forward_batch`.
 
         Returns the logits of the last token ([V], float32), or of every token ([T, V]) with ``all_logits``.
+
+        Raises:
+            ValueError: the tokens do not fit in the cache.
         """
+        segment = Segment(tokens, start, cache, replay)
+        if all_logits:
+            return self._logits(self._hidden([segment]))
+        return self._logits(self._hidden([segment])[-1:])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: Sequence[Segment | tuple]) -> torch.Tensor:
+        """Run several sequences' tokens through the model in one pass, each segment filling its own cache.
+
+        Args:
+            segments: `Segment` s (or tuples ``(tokens, start, cache[, replay])``), at least one, each of at least one
+                token.
+
+        Returns:
+            The logits of each segment's last token, [S, V] float32.
+
+        Raises:
+            ValueError: no segments, an empty segment, or tokens that do not fit in their cache.
+        """
+        parts = [Segment(*segment) for segment in segments]
+        if not parts:
+            raise ValueError("a forward pass needs at least one segment")
+        h = self._hidden(parts)  # [T, H]
+        ends = torch.tensor(_offsets(parts)[1:], device=h.device) - 1  # each segment's last token
+        return self._logits(h[ends])
+
+    def _hidden(self, segments: list[Segment]) -> torch.Tensor:
+        """The last layer's hidden states of every token of ``segments`` ([T, H]), filling their caches."""
         a = self.args
-        t = tokens.shape[0]
-        if start + t > cache.max_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds the cache of {cache.max_len}")
-        positions = torch.arange(start, start + t, device=self.device)
-        rope = self.attention.rotary.tables(positions, self.dtype)
+        for s in segments:
+            t = s.tokens.shape[0]
+            if t < 1:
+                raise ValueError("a segment of a forward pass has no tokens")
+            if s.start + t > s.cache.max_len:
+                raise ValueError(f"sequence of {s.start + t} tokens exceeds the cache of {s.cache.max_len}")
+        tokens = segments[0].tokens if len(segments) == 1 else torch.cat([s.tokens for s in segments])
+        ropes = [  # rotary tables per segment: its own positions
+            self.attention.rotary.tables(
+                torch.arange(s.start, s.start + s.tokens.shape[0], device=self.device), self.dtype
+            )
+            for s in segments
+        ]
         h = F.embedding(tokens, self.embed)  # [T, H]
-        self._start = start
         for layer in range(a.n_layers):
             p = f"model.layers.{layer}."
-            h = h + self.attention(layer, self._norm(h, p + "input_layernorm.weight"), start, rope, cache)
+            h = h + self._attention(layer, self._norm(h, p + "input_layernorm.weight"), segments, ropes)
             m = self._norm(h, p + "post_attention_layernorm.weight")
-            h = h + (self._moe(layer, m) if a.sparse_layers[layer] else self._dense_mlp(p + "mlp.", m))
-        h = self._norm(h if all_logits else h[-1:], "model.norm.weight")
-        logits = F.linear(h, self.lm_head).float()
-        return logits if all_logits else logits[0]
+            h = h + (self._moe(layer, m, segments) if a.sparse_layers[layer] else self._dense_mlp(p + "mlp.", m))
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden states [N, H]: [N, V] float32."""
+        return F.linear(self._norm(h, "model.norm.weight"), self.lm_head).float()
+
+    def _attention(self, layer: int, x: torch.Tensor, segments: list[Segment], ropes: list) -> torch.Tensor:
+        """Attention of every segment over its own cache and positions; x [T, H] -> [T, H]."""
+        if len(segments) == 1:
+            return self.attention(layer, x, segments[0].start, ropes[0], segments[0].cache)
+        bounds = _offsets(segments)
+        return torch.cat(
+            [
+                self.attention(layer, x[lo:hi], s.start, rope, s.cache)
+                for s, rope, lo, hi in zip(segments, ropes, bounds, bounds[1:])
+            ]
+        )
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self.w[name], self.args.rms_eps)
@@ -191,21 +268,15 @@ class Transformer:
         w = self.w
         return mlp(x, w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"])
 
-    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _moe(self, layer: int, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         a = self.args
-        router = self.router_names[layer]
-        scores = router_scores(a.router, x, self.w[router])  # [T, E] float32
+        scores = router_scores(a.router, x, self.w[self.router_names[layer]])  # [T, E] float32
         position = self.moe_position[layer]
-        if self.replay is not None:  # the trace's experts, in decreasing router score
-            chosen = torch.as_tensor(self.replay.choices(position, self._start, x.shape[0]), device=x.device)
-            top_index = order_by_score(scores, chosen.long())
-        else:
-            bias = self.w[correction_bias_name(router)] if a.router.correction_bias else None
-            top_index = choose_experts(a.router, scores, a.top_k, bias)  # [T, K]
+        top_index = self._choose(layer, position, scores, segments)  # [T, K]
         if self.recorder is not None:
             self.recorder.record(position, top_index.cpu().numpy())
         top_weight, top_prob = routing_weights(a.router, scores, top_index, a.norm_topk_prob, x.dtype)
-        out = self.experts.run(layer, x, top_index, top_weight, top_prob)
+        out = self.experts.run(layer, x, top_index, top_weight, top_prob)  # once for every segment's tokens
         if a.shared_expert_intermediate:
             p = f"model.layers.{layer}.mlp."
             if a.shared_expert_gated:  # Qwen2-MoE: one shared expert behind a sigmoid gate
@@ -215,16 +286,32 @@ class Transformer:
                 out = out + self._dense_mlp(p + "shared_experts.", x)
         return out
 
+    def _choose(self, layer: int, position: int, scores: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Each token's experts [T, K]: the router's, or for a segment that follows a routing trace (its own, else
+        `replay`) the trace's experts in decreasing router score."""
+        a = self.args
+        replays = [self.replay if s.replay is None else s.replay for s in segments]
+        routed = None
+        if any(replay is None for replay in replays):
+            router = self.router_names[layer]
+            bias = self.w[correction_bias_name(router)] if a.router.correction_bias else None
+            routed = choose_experts(a.router, scores, a.top_k, bias)
+        if all(replay is None for replay in replays):
+            return routed
+        parts = []
+        bounds = _offsets(segments)
+        for s, replay, lo, hi in zip(segments, replays, bounds, bounds[1:]):
+            if replay is None:
+                parts.append(routed[lo:hi])
+            else:
+                chosen = torch.as_tensor(replay.choices(position, s.start, hi - lo), device=scores.device)
+                parts.append(order_by_score(scores[lo:hi], chosen.long()))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-def correction_bias_name(router: str) -> str:
-    """DeepSeek-V3's ``e_score_correction_bias`` beside the router weight named ``router``."""
-    return router.removesuffix("weight") + "e_score_correction_bias"
 
-
-def router_name(names: Collection[str], layer: int) -> str:
-    """The router weight of MoE layer ``layer`` among tensor ``names``: ``mlp.gate`` or ``block_sparse_moe.gate``."""
-    for block in ("mlp", "block_sparse_moe"):
-        name = f"model.layers.{layer}.{block}.gate.weight"
-        if name in names:
-            return name
-    return f"model.layers.{layer}.mlp.gate.weight"  # dense layers have none; only looked up for MoE layers
+def _offsets(segments: list[Segment]) -> list[int]:
+    """Where each segment's tokens start in the concatenation, and where the last ends: S + 1 offsets."""
+    offsets = [0]
+    for s in segments:
+        offsets.append(offsets[-1] + s.tokens.shape[0])
+    return offsets
