@@ -285,8 +285,8 @@ def run(
         typer.Option(
             "--preset",
             **choice(SERVING_PRESETS),
-            help="The built-in checkpoint when none is given: qwen-moe-bench (Qwen1.5-MoE experts) or "
-            "deepseek-v2-lite (DeepSeek-V2-Lite experts).",
+            help="The built-in checkpoint when none is given: qwen-moe-bench (Qwen1.5-MoE-A2.7B, 2 layers) or "
+            "deepseek-v2-lite (DeepSeek-V2-Lite with its latent attention, 2 MoE layers).",
         ),
     ] = "qwen-moe-bench",
     routing: Annotated[
@@ -557,6 +557,110 @@ def _serving_containers(source: Path, quiet: bool) -> dict[str, Path]:
             run_pack(str(source), path, PackOptions(coder=coder, force=True))
         containers[name] = path
     return containers
+
+
+@app.command(
+    "serve",
+    epilog="""Examples:
+
+  zipmoe bench serve                             # qwen-moe-bench, 50%, 1.25 GB/s and direct; 1/4/8/16 streams
+
+  zipmoe bench serve --streams 1,8 --storage 1.25 -n 16 --json > serve.json
+
+Each level runs on a fresh `zipmoe serve` (same cold start), warmed by one unmeasured round; the server replays the
+preset's synthetic routing, a different request of the trace for each sequence.""",
+)
+def serve(
+    checkpoint: Annotated[
+        Optional[str],
+        typer.Argument(help="Checkpoint directory (default: the --preset's built-in one).", show_default=False),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", **choice(SERVING_PRESETS), help="The built-in checkpoint when none is given.")
+    ] = "qwen-moe-bench",
+    budget: Annotated[str, memory_budget_option("Expert memory of the server, as zipmoe serve -m.")] = "50%",
+    storages: Annotated[
+        str,
+        typer.Option(
+            "--storage",
+            metavar="GBPS|direct,...",
+            help="Comma-separated storage: a simulated speed in GB/s, or direct (O_DIRECT reads, --io direct).",
+        ),
+    ] = "1.25,direct",
+    streams: Annotated[
+        str, typer.Option("--streams", metavar="N,...", help="Comma-separated numbers of concurrent streams.")
+    ] = "1,4,8,16",
+    requests: Annotated[
+        int, typer.Option("--requests", min=1, max=1000, help="Measured requests per stream, one after another.")
+    ] = 2,
+    routing: Annotated[
+        Optional[str], typer.Option("--routing", help="The server's routing (default: the preset's synthetic one).")
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length of each request.")] = 32,
+    new_tokens: Annotated[int, max_new_tokens_option("Tokens generated per request.", min=2)] = 32,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Aggregate tokens/s, TTFT and TPOT (p50/p95), cache hits and bytes read per token of zipmoe serve at several
+    numbers of concurrent streams, with the openai client."""
+    from zipmoe.extras import RUNTIME, SERVE, require
+
+    require("zipmoe bench serve", *RUNTIME, *SERVE, "openai", "httpx")
+    from zipmoe.bench.serve_load import run_serve_bench
+
+    try:
+        levels = sorted({int(n) for n in streams.split(",")})
+    except ValueError:
+        raise ZipmoeError(f"--streams: expected comma-separated integers, got {streams!r}") from None
+    if not levels or levels[0] < 1 or levels[-1] > 256:
+        raise ZipmoeError(f"--streams: each number must be in 1..256, got {streams!r}")
+    source = Path(checkpoint if checkpoint is not None else cached_demo_checkpoint(preset))
+    routing = routing or SERVING_PRESETS[preset]
+    container = str(_serving_containers(source, quiet)["zipmoe"])
+    common = ["-m", budget, "--routing", routing, "--device", device, "-q",
+              "--max-context", str(prompt_tokens + new_tokens + 8), "--max-queue", str(4 * levels[-1])]  # fmt: skip
+    if threads:
+        common += ["--threads", str(threads)]
+    results = {}
+    for kind in _storages(storages):
+        where = _where(kind)
+        args = [*common, *(["--io", "direct"] if kind == "direct" else ["--storage", f"{kind or 0:g}"])]
+        results[where] = run_serve_bench(
+            container, server_args=args, levels=levels, requests=requests, max_tokens=new_tokens,
+            prompt_tokens=prompt_tokens,
+            on_level=None if quiet else (lambda s, where=where: stderr.print(f"running {where}, {s}")),
+        )  # fmt: skip
+    if json_output:
+        print_json({where: [r.to_json() for r in rows] for where, rows in results.items()})
+        return
+    stdout.print(_serve_table(results, f"zipmoe serve {source.name}, {budget}, routing {routing}"))
+
+
+def _serve_table(results: dict, title: str):
+    t = table("storage", "streams", "tokens/s", "vs 1\nstream", "TTFT\np50 / p95", "TPOT\np50 / p95",
+              "read per\ntoken", "vs 1\nstream", "served\ndec/comp/sm/st", "mean\nbatch", "peak\nRSS",
+              title=title)  # fmt: skip
+    for where, rows in results.items():
+        one = next((r for r in rows if r.streams == 1), None)
+        for r in rows:
+            j = r.to_json()
+            served = "/".join(f"{r.served_from.get(k, 0):.0f}" for k in ("decoded", "compressed", "sm", "storage"))
+            t.add_row(
+                where,
+                str(r.streams),
+                f"{r.tokens_per_second:.1f}",
+                f"{r.tokens_per_second / one.tokens_per_second:.2f}x" if one and one.tokens_per_second else "-",
+                f"{j['ttft_p50'] * 1000:.0f} / {j['ttft_p95'] * 1000:.0f} ms",
+                f"{j['tpot_p50'] * 1000:.0f} / {j['tpot_p95'] * 1000:.0f} ms",
+                human_bytes(r.bytes_per_token),
+                f"{r.bytes_per_token / one.bytes_per_token:.2f}x" if one and one.bytes_per_token else "-",
+                served,
+                f"{r.mean_batch:.1f}",
+                human_bytes(r.peak_rss) if r.peak_rss else "-",
+            )
+    return t
 
 
 @app.command(
