@@ -144,7 +144,7 @@ def test_help_shows_examples_choices_and_no_bool(capsys, monkeypatch, path):
         (["plan", "--dtype", "int8"], "'int8' is not one of float32, bfloat16, float16"),
         (["eval", "ppl", "--device", "gpu"], "'gpu' is not one of auto, cpu, cuda"),
         (["bench", "cache", "--preset", "huge"], "'huge' is not one of qwen-moe-bench, deepseek-v2-lite"),
-        (["demo-checkpoint", "--preset", "huge"], "'huge' is not one of tiny, small"),
+        (["demo-checkpoint", "--preset", "huge"], "'huge' is not one of tiny, tiny-deepseek, small"),
     ],
 )
 def test_bad_choices_are_usage_errors_listing_the_choices(capsys, args, listing):

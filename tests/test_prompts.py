@@ -190,6 +190,16 @@ def test_a_bad_line_is_reported_before_the_model_loads(capsys, monkeypatch, tiny
         (b'{"prompt": "x", "temperature": -1}', 'line 1: "temperature" must be a finite number >= 0, got -1'),
         (b'{"prompt": "x", "top_p": 2}', 'line 1: "top_p" must be between 0 and 1, got 2'),
         (b'{"prompt": "x", "max_new_tokens": 0}', 'line 1: "max_new_tokens" must be at least 1, got 0'),
+        (b'{"prompt": "x", "top_k": -1}', 'line 1: "top_k" must be an integer >= 0 (0: off), got -1'),
+        (b'{"prompt": "x", "top_k": 1.5}', 'line 1: "top_k" must be an integer, got 1.5'),
+        (b'{"prompt": "x", "min_p": 2}', 'line 1: "min_p" must be between 0 and 1, got 2'),
+        (b'{"prompt": "x", "repetition_penalty": 0}', 'line 1: "repetition_penalty" must be a finite number > 0'),
+        (b'{"prompt": "x", "frequency_penalty": -3}', 'line 1: "frequency_penalty" must be between -2 and 2, got -3'),
+        (b'{"prompt": "x", "presence_penalty": "1"}', 'line 1: "presence_penalty" must be a number, got "1"'),
+        (b'{"prompt": "x", "stop": 5}', 'line 1: "stop" must be a string or an array of strings, got 5'),
+        (b'{"prompt": "x", "stop": ["a", 1]}', 'line 1: "stop" must be a string or an array of strings, got an array'),
+        (b'{"prompt": "x", "stop": ""}', "line 1: \"stop\" must be non-empty strings, got ''"),
+        (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 'line 1: "stop" must be at most 4 strings, got 5'),
         (b'{"prompt": "x", "max_new_tokens": 2.5}', 'line 1: "max_new_tokens" must be an integer, got 2.5'),
         (b'{"prompt": "x", "seed": true}', 'line 1: "seed" must be an integer, got true'),
         (b'{"prompt": "x", "chat": "yes"}', 'line 1: "chat" must be true or false, got "yes"'),
@@ -213,6 +223,18 @@ def test_lines_override_the_flags_and_keep_the_rest():
     assert (first.prompt, first.id, first.line, first.chat) == ("a\u2028b", 7, 1, True)
     assert first.sampling == SamplingOptions(max_new_tokens=9, temperature=0, seed=3, truncate=True)
     assert (second.prompt, second.id, second.line, second.sampling) == ("plain", 2, 2, base)
+
+
+def test_lines_take_every_sampling_option():
+    line = {"prompt": "x", "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "frequency_penalty": -0.5,
+            "presence_penalty": 2, "stop": "\n", "seed": 4}  # fmt: skip
+    (request,) = parse_prompt_requests(json.dumps(line).encode(), "batch", SamplingOptions(top_p=0.9))
+    assert request.sampling == SamplingOptions(
+        top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.2, frequency_penalty=-0.5, presence_penalty=2,
+        stop=("\n",), seed=4,
+    )  # fmt: skip
+    (request,) = parse_prompt_requests(b'{"prompt": "x", "stop": ["a", "bc"]}', "batch", SamplingOptions())
+    assert request.sampling.stop == ("a", "bc")
 
 
 def test_a_prompt_the_model_cannot_take_fails_alone(capsys, tiny, tmp_path):

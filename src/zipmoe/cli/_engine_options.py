@@ -6,7 +6,7 @@ Light on purpose: typer and the option aliases only; the runtime is imported whe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -91,8 +91,81 @@ WarmupOpt = Annotated[
         "last-layer (what LRU left), random, or empty.",
     ),
 ]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold.")]
+# Sampling: left unset (None), a flag takes the container's generation_config.json value (docs/RUNTIME.md).
+_FROM_CONFIG = "Default: the container's generation_config.json"
+TemperatureOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--temperature",
+        min=0.0,
+        show_default=False,
+        help=f"0 is greedy. {_FROM_CONFIG} (greedy unless it sets do_sample; then its temperature, else 1).",
+    ),
+]
+TopPOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--top-p",
+        min=0.0,
+        max=1.0,
+        show_default=False,
+        help=f"Nucleus sampling: keep the most likely tokens that make up this probability. {_FROM_CONFIG}, else 1.",
+    ),
+]
+TopKOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--top-k", min=0, show_default=False, help=f"Keep the K most likely tokens (0: all). {_FROM_CONFIG}, else 0."
+    ),
+]
+MinPOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--min-p",
+        min=0.0,
+        max=1.0,
+        show_default=False,
+        help=f"Drop tokens less likely than this times the most likely one. {_FROM_CONFIG}, else 0.",
+    ),
+]
+RepetitionPenaltyOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--repetition-penalty",
+        show_default=False,
+        help="Divide the positive logits (multiply the negative) of the tokens in the prompt and the output by this "
+        f"(1: off). {_FROM_CONFIG}, else 1.",
+    ),
+]
+FrequencyPenaltyOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--frequency-penalty",
+        min=-2.0,
+        max=2.0,
+        show_default=False,
+        help="Lower each token's logit by this times its count in the output (-2..2; default 0).",
+    ),
+]
+PresencePenaltyOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--presence-penalty",
+        min=-2.0,
+        max=2.0,
+        show_default=False,
+        help="Lower the logit of each token already in the output by this (-2..2; default 0).",
+    ),
+]
+StopOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--stop",
+        metavar="TEXT",
+        show_default=False,
+        help="End the text before this string (not printed; finish reason stop). Repeat for up to 4.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 
 
@@ -129,20 +202,46 @@ def engine_options(
     )  # fmt: skip
 
 
-def sampling_options(
+def sampling_flags(
     *,
     max_new_tokens: int,
-    temperature: float,
-    top_p: float,
     seed: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    stop: list[str] | None = None,
     ignore_eos: bool = False,
     truncate: bool = False,
-) -> SamplingOptions:
-    """The `SamplingOptions` of the options above (``ignore_eos``: do not stop at the end-of-sequence token).
+) -> dict[str, Any]:
+    """The sampling options given on the command line, as `SamplingOptions` fields; those left unset (None) are left
+    out, for the container's generation_config.json to supply (`Engine.default_sampling`). ``ignore_eos``: do not
+    stop at the end-of-sequence token.
+
+    Raises:
+        SamplingError: a value out of range, naming its flag (checked here, before a model is loaded).
+    """
+    from zipmoe.runtime.request import SamplingOptions
+
+    given = dict(
+        max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        stop=tuple(stop) if stop else None, stop_at_eos=not ignore_eos, truncate=truncate,
+    )  # fmt: skip
+    flags = {name: value for name, value in given.items() if value is not None}
+    SamplingOptions(**flags)  # the check
+    return flags
+
+
+def sampling_options(**flags: Any) -> SamplingOptions:
+    """`SamplingOptions` of the flags alone (`sampling_flags`'s arguments), without a container's defaults.
 
     Raises:
         SamplingError: a value out of range, naming its flag.
     """
     from zipmoe.runtime.request import SamplingOptions
 
-    return SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=not ignore_eos, truncate=truncate)
+    return SamplingOptions(**sampling_flags(**flags))

@@ -14,17 +14,23 @@ from zipmoe.cli._engine_options import (
     DecodedFractionOpt,
     DeviceOpt,
     DtypeOpt,
+    FrequencyPenaltyOpt,
     IoOpt,
     MaxNewTokensOpt,
     MemoryBudgetOpt,
+    MinPOpt,
     ModeOpt,
     PlanOpt,
     PolicyOpt,
+    PresencePenaltyOpt,
+    RepetitionPenaltyOpt,
     ScheduleOpt,
     SeedOpt,
     SimulateStorageOpt,
+    StopOpt,
     TemperatureOpt,
     TiersOpt,
+    TopKOpt,
     TopPOpt,
     WarmupOpt,
 )
@@ -46,6 +52,7 @@ Each line is a user turn; the reply streams to stdout. /reset forgets the conver
 /stats shows the expert cache and the speed so far, /help lists the commands, /exit, /quit or Ctrl-D ends. The
 model, its expert cache and the conversation stay loaded between turns; when the conversation would not fit the
 model's context, its oldest turns are dropped (a note on stderr says so). The container needs a chat template.
+Sampling flags left unset take the container's generation_config.json values (greedy unless it sets do_sample).
 """
 DEFAULT_MAX_NEW_TOKENS = 256  # a reply; --max-new-tokens changes it
 CHAT_COMMANDS = {
@@ -77,8 +84,14 @@ def command(
     mode: ModeOpt = "lossless",
     critical_threshold: CriticalThresholdOpt = DEFAULT_THRESHOLD,
     warmup: WarmupOpt = "pcw",
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    stop: StopOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -86,17 +99,21 @@ def command(
     from zipmoe.extras import RUNTIME, require
 
     require("zipmoe chat", *RUNTIME)
-    from zipmoe.cli._engine_options import engine_options, sampling_options
+    from zipmoe.cli._engine_options import engine_options, sampling_flags
     from zipmoe.cli.models import model_container
     from zipmoe.runtime.conversation import Conversation
 
+    flags = sampling_flags(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        stop=stop, seed=seed,
+    )  # fmt: skip
     path = model_container(container, quiet=quiet)  # a checkpoint directory or Hub repo: packed into the store once
     options = engine_options(
         device=device, dtype=dtype, memory_budget=memory_budget, tiers=tiers, decoded_fraction=decoded_fraction,
         policy=policy, threads=threads, io=io, simulate_storage=simulate_storage, mode=mode,
         critical_threshold=critical_threshold, warmup=warmup, plan=plan, schedule=schedule,
     )  # fmt: skip
-    sampling = sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     conversation = Conversation(system)
     _check_chat_template(path, conversation, container)  # before the weights load
     from zipmoe.runtime.engine import Engine
@@ -106,6 +123,9 @@ def command(
     with Engine(path, options) as engine:
         if engine.storage.warning and not quiet:
             warn(engine.storage.warning)
+        for warning in [] if quiet else engine.generation_warnings:
+            warn(warning)
+        sampling = engine.default_sampling(**flags)  # unset flags: the container's generation_config.json
         if interactive and not quiet:
             stderr.print(f"Chatting with {container}: /help lists the commands, /exit or Ctrl-D ends.")
         _Session(engine, conversation, sampling, quiet, interactive).run()

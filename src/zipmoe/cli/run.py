@@ -14,17 +14,23 @@ from zipmoe.cli._engine_options import (
     DecodedFractionOpt,
     DeviceOpt,
     DtypeOpt,
+    FrequencyPenaltyOpt,
     IoOpt,
     MaxNewTokensOpt,
     MemoryBudgetOpt,
+    MinPOpt,
     ModeOpt,
     PlanOpt,
     PolicyOpt,
+    PresencePenaltyOpt,
+    RepetitionPenaltyOpt,
     ScheduleOpt,
     SeedOpt,
     SimulateStorageOpt,
+    StopOpt,
     TemperatureOpt,
     TiersOpt,
+    TopKOpt,
     TopPOpt,
     WarmupOpt,
 )
@@ -50,14 +56,20 @@ EPILOG = """Examples:
 
   zipmoe run model.zmoe --prompts batch.jsonl > results.jsonl   # {"prompt": "...", "max_new_tokens": 16} per line
 
+  zipmoe run model.zmoe "Q: What is 2+2? A:" --stop "Q:" --temperature 0.7 --top-k 40 --repetition-penalty 1.1
+
 The generated text goes to stdout as it is produced; the statistics table goes to stderr. With --prompts, every
 prompt runs on one loaded model with its expert cache kept warm, and each result is one JSON line on stdout (id,
 text, tokens, finish_reason, timings and that prompt's cache statistics), in input order; the whole file is checked
 first, and a bad line is an error naming it.
+
+Sampling flags left unset take the container's generation_config.json values (greedy unless it sets do_sample);
+the order they apply in is in docs/RUNTIME.md.
 """
 
 # `finish_reason` values (OpenAI's) as the table shows them.
 FINISH_LABELS = {"stop": "stop (end-of-sequence token)", "length": "length (--max-new-tokens reached)"}
+STOP_STRING_LABEL = "stop (a --stop string)"
 
 
 def command(
@@ -76,8 +88,9 @@ def command(
             "--prompts",
             metavar="FILE.jsonl",
             help="Run every prompt of this JSON Lines file (- for standard input) on one loaded model: one "
-            '{"prompt": ...} object or string a line, with optional max_new_tokens, temperature, top_p, seed, chat, '
-            "id; one JSON result a line on stdout, in order.",
+            '{"prompt": ...} object or string a line, with optional max_new_tokens, the sampling flags (temperature, '
+            "top_p, top_k, min_p, repetition_penalty, frequency_penalty, presence_penalty, stop, seed), chat, id; "
+            "one JSON result a line on stdout, in order.",
             show_default=False,
         ),
     ] = None,
@@ -104,8 +117,14 @@ def command(
     mode: ModeOpt = "lossless",
     critical_threshold: CriticalThresholdOpt = DEFAULT_THRESHOLD,
     warmup: WarmupOpt = "pcw",
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    stop: StopOpt = None,
     seed: SeedOpt = 0,
     chat: Annotated[
         bool, typer.Option("--chat", help="Wrap the prompt as a user message with the chat template.")
@@ -126,8 +145,17 @@ def command(
     from zipmoe.extras import RUNTIME, require
 
     require("zipmoe run", *RUNTIME)
-    from zipmoe.cli._engine_options import engine_options, sampling_options
-    from zipmoe.runtime.request import STDIN, PromptError, check_prompt, read_prompt, read_prompt_requests
+    from zipmoe.cli._engine_options import engine_options, sampling_flags
+    from zipmoe.runtime.request import (
+        MAX_BATCH_BYTES,
+        STDIN,
+        PromptError,
+        SamplingOptions,
+        check_prompt,
+        parse_prompt_requests,
+        read_prompt,
+        read_source,
+    )
 
     given = {"PROMPT": prompt, "--file": file, "--prompts": prompts}
     sources = [name for name, value in given.items() if value is not None]
@@ -136,14 +164,16 @@ def command(
         raise PromptError(f"give one prompt: an argument, - for standard input, --file FILE or --prompts FILE{both}")
     if prompt is not None and prompt != STDIN:
         check_prompt(prompt)
-    sampling = sampling_options(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-        truncate=truncate,
+    flags = sampling_flags(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        stop=stop, seed=seed, ignore_eos=ignore_eos, truncate=truncate,
     )  # fmt: skip
     if STDIN in (prompt, prompts) and sys.stdin is not None and sys.stdin.isatty():
         stderr.print("Reading from standard input; end it with Ctrl-D.")
     if prompts is not None:  # the whole file is checked before a model is packed or loaded
-        requests = read_prompt_requests(prompts, f"--prompts {prompts}", sampling, chat)
+        batch = read_source(prompts, MAX_BATCH_BYTES, f"--prompts {prompts}")
+        parse_prompt_requests(batch, f"--prompts {prompts}", SamplingOptions(**flags), chat)
     elif prompt is None or prompt == STDIN:
         prompt = read_prompt(STDIN, "standard input") if file is None else read_prompt(file, f"--file {file}")
     from zipmoe.cli.models import model_container
@@ -160,8 +190,12 @@ def command(
     with Engine(path, options) as engine:
         if engine.storage.warning and not quiet:
             warn(engine.storage.warning)
+        for warning in [] if quiet else engine.generation_warnings:
+            warn(warning)
+        sampling = engine.default_sampling(**flags)  # unset flags: the container's generation_config.json
         recorder = engine.record_routing() if record_routing is not None else None
-        if prompts is not None:
+        if prompts is not None:  # again, on the container's defaults (checked above: this cannot fail)
+            requests = parse_prompt_requests(batch, f"--prompts {prompts}", sampling, chat)
             failed = _run_requests(engine, requests, recorder)
             if recorder is not None:
                 recorder.write(record_routing)
@@ -187,6 +221,7 @@ def command(
             "cache": stats.to_json(),
             "model": expert_bytes_summary(engine),
         }
+        eos_ids = engine.eos_ids()
     if json_output:
         print_json(doc)
         return
@@ -199,7 +234,7 @@ def command(
     t.add_row("time to first token", f"{result.ttft * 1000:.0f} ms")
     t.add_row("time per output token", f"{result.tpot * 1000:.1f} ms" if result.step_seconds else "-")
     t.add_row("tokens/s", f"{result.tokens_per_second:.2f}" if result.step_seconds else "-")
-    t.add_row("finish reason", FINISH_LABELS.get(result.finish_reason, result.finish_reason))
+    t.add_row("finish reason", _finish_label(result, sampling, eos_ids))
     t.add_row("mode", doc["model"]["mode"])
     for row in cache_rows(stats, mode):
         t.add_row(*row)
@@ -241,14 +276,29 @@ def cache_rows(stats, mode: str) -> list[tuple[str, str]]:
     return rows
 
 
+def _finish_label(result, sampling, eos_ids) -> str:
+    """Why the generation ended, in words: an end-of-sequence token, a --stop string, or --max-new-tokens."""
+    eos = sampling.stop_at_eos and result.tokens and result.tokens[-1] in eos_ids
+    if result.finish_reason == "stop" and not eos:
+        return STOP_STRING_LABEL
+    return FINISH_LABELS.get(result.finish_reason, result.finish_reason)
+
+
 def _result_json(text: str, result) -> dict[str, Any]:
-    """What one generation gave and how fast, as ``--json`` and ``--prompts`` print it."""
+    """What one generation gave and how fast, as ``--json`` and ``--prompts`` print it; ``usage`` counts tokens as
+    the OpenAI API does (the prompt tokens the model saw)."""
+    completion = len(result.tokens)
     return {
         "text": text,
         "prompt_tokens": result.prompt_tokens,
         "dropped_prompt_tokens": result.dropped_tokens,
-        "new_tokens": len(result.tokens),
+        "new_tokens": completion,
         "finish_reason": result.finish_reason,
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion,
+        },
         "ttft_seconds": result.ttft,
         "tpot_seconds": result.tpot,
         "tokens_per_second": result.tokens_per_second,

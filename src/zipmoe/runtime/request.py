@@ -1,10 +1,14 @@
 """What one generation asks for (a prompt and how to sample it), and where prompts come from.
 
 `zipmoe run` takes its prompt from an argument, from stdin (``-``), from a file (``--file``), or many prompts from a
-JSON Lines file (``--prompts``): one object per line, ``{"prompt": "..."}`` with optional ``max_new_tokens``,
-``temperature``, ``top_p``, ``seed``, ``chat`` and ``id``, or a bare JSON string. Everything here is read within
+JSON Lines file (``--prompts``): one object per line, ``{"prompt": "..."}`` with optional ``max_new_tokens``, the
+sampling options (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``frequency_penalty``,
+``presence_penalty``, ``stop``, ``seed``), ``chat`` and ``id``, or a bare JSON string. Everything here is read within
 bounds and validated before a model is loaded, so a bad line fails in a second, naming its line, and not after the
 weights are in memory. The module needs no torch: a server can validate its requests with it at the edge.
+
+The defaults of the sampling options come from the checkpoint's ``generation_config.json`` (`generation_defaults`)
+where it sets them, else from `SamplingOptions`.
 
 A prompt read from stdin or a file loses one trailing newline (``echo "Hello" | zipmoe run C -`` is
 ``zipmoe run C Hello``) and a leading UTF-8 byte order mark; the rest is kept as it is.
@@ -17,6 +21,7 @@ import math
 import os
 import stat
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
@@ -31,14 +36,33 @@ MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS + 5  # its UTF-8 bytes: at most 4 a char
 # A --prompts file is validated whole before the model loads, so it is held in memory; split larger batches.
 MAX_BATCH_BYTES = 256 << 20
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_STOPS = 4  # stop strings per request, as the OpenAI API allows
+MAX_STOP_CHARS = 256  # one stop string: held back from the stream while it may still be starting
+MAX_PENALTY = 2.0  # frequency and presence penalties lie in -2..2, as in the OpenAI API
 # The keys of a --prompts line besides "prompt": the JSON types each takes (a boolean is not a number here), in words.
 _LINE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "id": ((str, int), "a string or an integer"),
     "max_new_tokens": ((int,), "an integer"),
     "temperature": ((int, float), "a number"),
     "top_p": ((int, float), "a number"),
+    "top_k": ((int,), "an integer"),
+    "min_p": ((int, float), "a number"),
+    "repetition_penalty": ((int, float), "a number"),
+    "frequency_penalty": ((int, float), "a number"),
+    "presence_penalty": ((int, float), "a number"),
+    "stop": ((str, list), "a string or an array of strings"),
     "seed": ((int,), "an integer"),
     "chat": ((bool,), "true or false"),
+}
+# The options of a line that are `SamplingOptions` fields.
+_SAMPLING_KEYS = tuple(key for key in _LINE_KEYS if key not in ("id", "chat"))
+# The keys of generation_config.json read as sampling defaults (besides do_sample), and the JSON types each takes.
+GENERATION_KEYS: dict[str, tuple[type, ...]] = {
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": (int,),
+    "min_p": (int, float),
+    "repetition_penalty": (int, float),
 }
 
 
@@ -58,14 +82,44 @@ def sampling_problem(name: str, value: Any) -> str | None:
         return f"must be a finite number >= 0, got {value!r}"
     if name == "top_p" and not 0.0 <= value <= 1.0:  # also NaN
         return f"must be between 0 and 1, got {value!r}"
+    if name == "top_k" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return f"must be an integer >= 0 (0: off), got {value!r}"
+    if name == "min_p" and not 0.0 <= value <= 1.0:
+        return f"must be between 0 and 1, got {value!r}"
+    if name == "repetition_penalty" and not (math.isfinite(value) and value > 0):
+        return f"must be a finite number > 0 (1: off), got {value!r}"
+    if name in ("frequency_penalty", "presence_penalty") and not -MAX_PENALTY <= value <= MAX_PENALTY:
+        return f"must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value!r}"
     if name == "seed" and not 0 <= value <= MAX_SEED:
         return f"must be in 0..{MAX_SEED} (2**63-1), got {value}"
+    if name == "stop":
+        return _stop_problem(value)
+    return None
+
+
+def _stop_problem(stop: Any) -> str | None:
+    if len(stop) > MAX_STOPS:
+        return f"must be at most {MAX_STOPS} strings, got {len(stop)}"
+    for text in stop:
+        if not isinstance(text, str) or not text:
+            return f"must be non-empty strings, got {text!r}"
+        if len(text) > MAX_STOP_CHARS:
+            return f"must be at most {MAX_STOP_CHARS} characters each, got one of {len(text)}"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid UTF-8"
     return None
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How to pick tokens. ``temperature`` 0 is greedy; ``top_p`` 0 keeps only the most likely token.
+    """How to pick tokens (`zipmoe.runtime.sampling` applies them, in the order given there).
+
+    ``temperature`` 0 is greedy (the penalties still apply); ``top_p`` 0 keeps only the most likely token; ``top_k``
+    0, ``min_p`` 0, ``repetition_penalty`` 1 and the frequency and presence penalties 0 are off. ``stop``: at most
+    `MAX_STOPS` strings; the text ends before the first of them to appear, which is not returned
+    (`zipmoe.runtime.stops`). A string for ``stop`` is one stop string; a list becomes a tuple.
 
     ``truncate`` keeps the last prompt tokens that leave room for ``max_new_tokens`` in the model's context, instead
     of refusing a prompt that is too long.
@@ -80,12 +134,78 @@ class SamplingOptions:
     seed: int = 0
     stop_at_eos: bool = True
     truncate: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "temperature", "top_p", "seed"):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            if not isinstance(self.stop, list):
+                raise SamplingError(f"--stop must be a string or a list of strings, got {type(self.stop).__name__}")
+            object.__setattr__(self, "stop", tuple(self.stop))
+        for name in _SAMPLING_KEYS:
             problem = sampling_problem(name, getattr(self, name))
             if problem:
                 raise SamplingError(f"--{name.replace('_', '-')} {problem}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is taken (``temperature`` 0)."""
+        return self.temperature <= 0
+
+
+def sampling_with_defaults(defaults: Mapping[str, Any], **overrides: Any) -> SamplingOptions:
+    """`SamplingOptions` from ``defaults`` (`generation_defaults`), with the ``overrides`` that are not None on top.
+
+    Raises:
+        SamplingError: a value out of range, naming its flag.
+    """
+    return SamplingOptions(**{**defaults, **{key: value for key, value in overrides.items() if value is not None}})
+
+
+def generation_defaults(doc: Any, file: str = "generation_config.json") -> tuple[dict[str, Any], list[str]]:
+    """The sampling defaults a checkpoint's ``generation_config.json`` sets, and a warning for each value ignored.
+
+    As transformers reads it: without ``"do_sample": true`` generation is greedy (``temperature`` 0, whatever the
+    file's temperature); with it, ``temperature`` defaults to 1. ``top_p``, ``top_k``, ``min_p`` and
+    ``repetition_penalty`` are taken where set (transformers' own fallbacks, such as ``top_k`` 50, are not: a key the
+    file leaves out stays off). The file is untrusted: a value of the wrong type or out of range is left out with a
+    one-line warning (a model still runs with its author's typo), never an error.
+
+    Args:
+        doc: the parsed file (anything: a non-object gives no defaults and one warning).
+        file: how warnings name the file.
+
+    Returns:
+        `SamplingOptions` field values, and the warnings (``generation_config.json: top_p must be ...; ignored``).
+    """
+    if not isinstance(doc, dict):
+        return {}, [f"{file}: expected a JSON object, got {_json_kind(doc)}; its sampling defaults are ignored"]
+    warnings: list[str] = []
+    do_sample = doc.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        warnings.append(f"{file}: do_sample must be true or false, got {_json_kind(do_sample)}; ignored (greedy)")
+    defaults: dict[str, Any] = {}
+    for key, types in GENERATION_KEYS.items():
+        value = doc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            problem = f"must be {'an integer' if types == (int,) else 'a number'}, got {_json_kind(value)}"
+        else:
+            problem = sampling_problem(key, value)
+        if problem:
+            warnings.append(f"{file}: {key} {problem}; ignored")
+        else:
+            defaults[key] = value
+    temperature = defaults.pop("temperature", 1.0)
+    defaults["temperature"] = temperature if do_sample is True else 0.0
+    return defaults, warnings
 
 
 def check_prompt(prompt: str) -> None:
@@ -195,8 +315,8 @@ class PromptRequest:
 
 def request_from_json(doc: Any, base: SamplingOptions, chat: bool = False) -> PromptRequest:
     """A request from one parsed JSON value: a string (the prompt), or an object with a ``"prompt"`` and optional
-    ``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``chat`` and ``id``; what it leaves out comes from
-    ``base`` and ``chat``.
+    ``max_new_tokens``, sampling options (`SamplingOptions` fields; ``stop`` a string or an array of strings),
+    ``chat`` and ``id``; what it leaves out comes from ``base`` and ``chat``.
 
     Raises:
         PromptError: a value of another kind, a missing or empty prompt, an unknown key, a value of the wrong type or
@@ -221,10 +341,15 @@ def request_from_json(doc: Any, base: SamplingOptions, chat: bool = False) -> Pr
         types, wanted = _LINE_KEYS[key]
         if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
             raise PromptError(f'"{key}" must be {wanted}, got {_json_kind(value)}')
+        if key == "stop":
+            value = [value] if isinstance(value, str) else value
+            if not all(isinstance(text, str) for text in value):
+                kind = _json_kind(next(text for text in value if not isinstance(text, str)))
+                raise PromptError(f'"stop" must be {wanted}, got an array holding {kind}')
         problem = sampling_problem(key, value)
         if problem:
             raise PromptError(f'"{key}" {problem}')
-    overrides = {key: doc[key] for key in ("max_new_tokens", "temperature", "top_p", "seed") if key in doc}
+    overrides = {key: doc[key] for key in _SAMPLING_KEYS if key in doc}
     return PromptRequest(doc["prompt"], replace(base, **overrides), doc.get("chat", chat), doc.get("id"))
 
 
