@@ -2,7 +2,8 @@
 
 zipmoe's core (codecs, formats, pack, verify, inspect, unpack, demo-checkpoint) needs numpy and numba, not PyTorch.
 Serving, evaluating and planning need PyTorch, tokenizers and Jinja2 (``pip install 'zipmoe[run]'``); benchmarks also
-need their baselines and plots (``pip install 'zipmoe[bench]'``). Commands call `require` before their heavy imports,
+need their baselines and plots (``pip install 'zipmoe[bench]'``); ``zipmoe serve`` needs Starlette and uvicorn
+(``pip install 'zipmoe[serve]'``). Commands call `require` before their heavy imports,
 so a missing package is one line that names the command and the install command, not an ImportError from deep inside
 the runtime. The check looks the package up without importing it, so it costs nothing when the package is there.
 """
@@ -22,8 +23,11 @@ PACKAGES = {
     "accelerate": ("accelerate", "bench"),
     "matplotlib": ("matplotlib", "bench"),
     "zipnn": ("zipnn", "bench"),
+    "starlette": ("Starlette", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
 }
 RUNTIME = ("torch", "tokenizers", "jinja2")  # what `zipmoe run` and everything built on its runtime import
+SERVE = ("starlette", "uvicorn")  # what `zipmoe serve` adds (the [serve] extra includes [run])
 
 
 def installed(module: str) -> bool:
@@ -43,10 +47,11 @@ def require(feature: str, *modules: str) -> None:
 
     Raises:
         ZipmoeError: ``zipmoe run needs PyTorch: pip install 'zipmoe[run]'``: the first missing package, and the extra
-            that installs all of ``modules`` (``bench`` includes ``run``).
+            that installs all of ``modules`` (``bench`` and ``serve`` include ``run``).
     """
     absent = [m for m in modules if not installed(m)]
     if absent:
         known = [PACKAGES.get(m, (m, "run")) for m in (absent[0], *modules)]  # (name, extra)
-        extra = "bench" if any(e == "bench" for _, e in known) else "run"
+        extras = {e for _, e in known}
+        extra = next((e for e in ("bench", "serve") if e in extras), "run")  # each of these includes run
         raise ZipmoeError(f"{feature} needs {known[0][0]}: pip install 'zipmoe[{extra}]'")

@@ -111,20 +111,31 @@ class Model:
         prompt: str | Sequence[int],
         *,
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        stop: str | Sequence[str] | None = None,
         seed: int = 0,
         chat: bool = False,
         stop_at_eos: bool = True,
         truncate: bool = False,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Generate text after ``prompt``; greedy unless ``temperature`` > 0.
+        """Generate text after ``prompt``; greedy unless ``temperature`` > 0 (or the container's
+        ``generation_config.json`` samples).
 
         Args:
             prompt: text (encoded with the embedded tokenizer), or token ids.
             max_new_tokens: at most this many tokens.
-            temperature: 0 is greedy; above, sampling with ``top_p`` (nucleus) and ``seed`` (reproducible).
+            temperature, top_p, top_k, min_p: sampling (``zipmoe run``'s flags); None: the container's
+                ``generation_config.json`` value, else off. Temperature 0 is greedy.
+            repetition_penalty, frequency_penalty, presence_penalty: penalties on repeated tokens; None: as above.
+            stop: up to 4 strings; the text ends before the first one found (``finish_reason`` ``stop``).
+            seed: the random seed of sampling (reproducible).
             chat: wrap a text prompt as one user message with the chat template.
             stop_at_eos: stop at an end-of-sequence token.
             truncate: keep the last prompt tokens that leave room in the context instead of refusing the prompt.
@@ -135,9 +146,11 @@ class Model:
             SamplingError: a sampling option out of range.
             TokenizerError: a text prompt for a container without ``tokenizer.json`` (or ``chat`` without a template).
         """
-        from zipmoe.runtime.generate import SamplingOptions
-
-        sampling = SamplingOptions(max_new_tokens, temperature, top_p, seed, stop_at_eos=stop_at_eos, truncate=truncate)
+        sampling = self.engine.default_sampling(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, stop=stop, seed=seed, stop_at_eos=stop_at_eos, truncate=truncate,
+        )  # fmt: skip
         if isinstance(prompt, str):
             text, result = self.engine.generate_text(prompt, sampling, chat=chat, on_text=on_text)
         else:

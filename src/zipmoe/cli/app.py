@@ -52,6 +52,7 @@ COMMAND_MODULES = (
     "plan",
     "run",
     "chat",
+    "serve",
     "models",  # pull, list, rm
     "demo",
 )
