@@ -332,19 +332,22 @@ def test_64_concurrent_clients_are_all_answered(live):
 
 def test_metrics_are_prometheus_text(live, client):
     client.completions.create(model="tiny", prompt="Hello", max_tokens=3)
+    httpx.post(live.url + "/v1/completions", content=b"{", headers=AUTH)  # one 400
     response = httpx.get(live.url + "/metrics", headers=AUTH)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = parse_prometheus(response.text)
     for name in ("zipmoe_requests_total", "zipmoe_generation_tokens_total", "zipmoe_generation_tokens_per_second",
                  "zipmoe_queue_length", "zipmoe_running_sequences", "zipmoe_batch_size_mean",
                  "zipmoe_expert_cache_hits_total", "zipmoe_storage_read_bytes_total",
-                 "zipmoe_storage_busy_seconds_total", "zipmoe_compute_stall_seconds_total"):  # fmt: skip
+                 "zipmoe_storage_busy_seconds_total", "zipmoe_compute_stall_seconds_total",
+                 "zipmoe_decode_busy_seconds_total"):  # fmt: skip
         assert name in samples, name
     assert {labels["tier"] for labels, _ in samples["zipmoe_expert_cache_hits_total"]} >= {"decoded"}
     completions = {s["status"]: v for s, v in samples["zipmoe_requests_total"] if s["endpoint"] == "/v1/completions"}
     assert completions["200"] >= 1 and completions["400"] >= 1
     assert samples["zipmoe_generation_tokens_total"][0][1] >= 3
     assert samples["zipmoe_storage_read_bytes_total"][0][1] > 0
+    assert samples["zipmoe_decode_busy_seconds_total"][0][1] > 0  # the records read were decoded
 
 
 def test_a_full_queue_is_a_503(tiny):

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -283,6 +284,7 @@ class Engine:
         self.dense = self._load_dense()
         self.model = Transformer(self.args, self.dense, self.pipeline)
         self._tokenizer: TextTokenizer | None = None
+        self._tokenizer_lock = threading.Lock()
         self.plan: LoadedPlan | None = None
         if options.plan is not None:
             self.use_plan(loaded if loaded is not None else self._auto_plan())
@@ -387,8 +389,9 @@ class Engine:
 
     @property
     def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = TextTokenizer.from_container(self.container)
+        with self._tokenizer_lock:  # a server's threads may ask first at the same time
+            if self._tokenizer is None:
+                self._tokenizer = TextTokenizer.from_container(self.container)
         return self._tokenizer
 
     def eos_ids(self) -> tuple[int, ...]:

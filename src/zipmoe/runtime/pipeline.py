@@ -56,6 +56,7 @@ class PipelineStats:
     critical_tokens: int = 0  # of which had a critical expert (dbsc)
     decode_misses: list[int] = field(default_factory=list)  # reads from storage in each decode step
     prefetched_bytes: int = 0  # read at start for the experts a plan pins
+    decode_seconds: float = 0.0  # time the decode thread spent decoding fetched records
 
     @property
     def total_requests(self) -> int:
@@ -95,6 +96,7 @@ class PipelineStats:
             "critical_fraction": self.critical_tokens / self.tokens if self.tokens else 0.0,
             "decode_misses": list(self.decode_misses),
             "prefetched_bytes": self.prefetched_bytes,
+            "decode_seconds": self.decode_seconds,
             "phases": {
                 phase: {"requests": self.requests[phase], "storage_reads": self.storage_reads[phase],
                         "miss_rate": self.storage_reads[phase] / self.requests[phase] if self.requests[phase] else 0.0,
@@ -252,9 +254,7 @@ class ExpertPipeline:
                     break
                 queue.popleft()
                 reserved += job.cost
-                future = self._io.submit(
-                    self.source.fetch, (layer, job.expert), job.held, job.needed, self._decoder.submit
-                )
+                future = self._io.submit(self.source.fetch, (layer, job.expert), job.held, job.needed, self._decode)
                 future.add_done_callback(read_done)
                 inflight.append((job, future))
             self._note_peak(reserved)
@@ -287,6 +287,18 @@ class ExpertPipeline:
             after = self.storage.snapshot()
             stats.busy_seconds += after.busy_seconds - storage_before.busy_seconds
             stats.window_seconds += max(0.0, last_read[0] - started)
+
+    def _decode(self, fn, *args) -> Future:
+        """Run a fetch's decode step on the decode thread, adding its time to ``stats.decode_seconds``."""
+
+        def timed():
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.stats.decode_seconds += time.perf_counter() - started
+
+        return self._decoder.submit(timed)
 
     def _admit(self, key, new: dict[str, tuple[Any, int]]) -> set[str]:
         """Offer a fetch's new representations to the tiers, fastest first; of the compact lossless forms (a whole

@@ -184,13 +184,10 @@ def engine_families(engine: Any, scheduler: Any) -> list[Family]:
             "zipmoe_compute_stall_seconds_total", "counter", "Time the compute thread waited for experts being fetched."
         ).add(stats.stall_seconds),
     ]
-    decode_seconds = getattr(stats, "decode_seconds", None)
-    if decode_seconds is not None:
-        out.append(
-            Family("zipmoe_decode_busy_seconds_total", "counter", "Time spent decoding expert records.").add(
-                decode_seconds
-            )
-        )
+    out.append(
+        Family("zipmoe_decode_busy_seconds_total", "counter", "Time the decode thread spent decoding expert records.")
+        .add(stats.decode_seconds)
+    )  # fmt: skip
     return out
 
 
