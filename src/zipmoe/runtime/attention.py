@@ -47,6 +47,11 @@ class GroupedQueryAttention:
 
     def __call__(self, layer: int, x: torch.Tensor, start: int, rope, cache: KVCache) -> torch.Tensor:
         """Attention of ``x`` ([T, H], positions ``start..``) at ``layer``; ``rope``: `Rotary.tables` of them."""
+        return self.output(layer, self.attend(layer, self.project(layer, x), start, rope, cache))
+
+    def project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries [T, N, D], keys and values [T, G, D] of ``x`` [T, H] (normed and clipped, before RoPE): row by
+        row, so a batch of sequences is projected in one pass and sliced per sequence for `attend`."""
         a, w = self.args, self.w
         p = f"model.layers.{layer}.self_attn."
         t = x.shape[0]
@@ -62,6 +67,13 @@ class GroupedQueryAttention:
         v = v.view(t, a.n_kv_heads, a.head_dim)
         if a.qk_norm == "head":
             q, k = rms_norm(q, w[p + "q_norm.weight"], a.rms_eps), rms_norm(k, w[p + "k_norm.weight"], a.rms_eps)
+        return q, k, v
+
+    def attend(self, layer: int, projected: tuple[torch.Tensor, ...], start: int, rope, cache: KVCache) -> torch.Tensor:
+        """One sequence's attention from its `project` rows (positions ``start..``), filling its cache: [T, N*D]."""
+        a = self.args
+        q, k, v = projected
+        t = q.shape[0]
         q, k = self.rotary.apply(q, rope), self.rotary.apply(k, rope)
         end = start + t
         cache.k[layer, start:end] = k
@@ -72,5 +84,8 @@ class GroupedQueryAttention:
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=0)  # [N, S, D]
             values = values.repeat_interleave(groups, dim=0)
-        out = causal_attention(q.transpose(0, 1), keys, values, a.head_dim**-0.5, start, a.sliding_window[layer])
-        return linear(w, out, p + "o_proj", a.o_bias)
+        return causal_attention(q.transpose(0, 1), keys, values, a.head_dim**-0.5, start, a.sliding_window[layer])
+
+    def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of `attend` rows [T, N*D] -> [T, H] (row by row: batched like `project`)."""
+        return linear(self.w, out, f"model.layers.{layer}.self_attn.o_proj", self.args.o_bias)

@@ -58,6 +58,11 @@ class LatentAttention:
 
     def __call__(self, layer: int, x: torch.Tensor, start: int, rope, cache: LatentCache) -> torch.Tensor:
         """Attention of ``x`` ([T, H], positions ``start..``) at ``layer``; ``rope``: `Rotary.tables` of them."""
+        return self.output(layer, self.attend(layer, self.project(layer, x), start, rope, cache))
+
+    def project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per token of ``x`` [T, H]: the query's non-rotary [T, N, P] and rotary [T, N, R] parts, the normed latent
+        [T, C] and the rope key [T, R] (before RoPE): row by row, so a batch is projected in one pass."""
         a, m, w = self.args, self.mla, self.w
         p = f"model.layers.{layer}.self_attn."
         t, n = x.shape[0], a.n_heads
@@ -72,6 +77,16 @@ class LatentAttention:
         compressed = linear(w, x, p + "kv_a_proj_with_mqa", a.qkv_bias)  # [T, C + R]
         latent, k_rope = compressed.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, w[p + "kv_a_layernorm.weight"], LATENT_NORM_EPS)
+        return q_nope, q_rope, latent, k_rope
+
+    def attend(
+        self, layer: int, projected: tuple[torch.Tensor, ...], start: int, rope, cache: LatentCache
+    ) -> torch.Tensor:
+        """One sequence's attention from its `project` rows (positions ``start..``), filling its cache: [T, N*Dv]."""
+        a, m, w = self.args, self.mla, self.w
+        p = f"model.layers.{layer}.self_attn."
+        q_nope, q_rope, latent, k_rope = projected
+        t, n = latent.shape[0], a.n_heads
         q_rope = self.rotary.apply(q_rope, rope)  # [T, N, R]
         k_rope = self.rotary.apply(k_rope[:, None], rope)  # [T, 1, R]
         end = start + t
@@ -82,5 +97,8 @@ class LatentAttention:
         k_shared = cache.rope_key[layer, :end, None].expand(end, n, m.qk_rope_head_dim)
         keys = torch.cat((k_nope, k_shared), dim=-1)  # [S, N, P + R]
         query = torch.cat((q_nope, q_rope), dim=-1)  # [T, N, P + R]
-        out = causal_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), self.scale, start)
-        return linear(w, out, p + "o_proj", a.o_bias)
+        return causal_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), self.scale, start)
+
+    def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of `attend` rows [T, N*Dv] -> [T, H] (row by row: batched like `project`)."""
+        return linear(self.w, out, f"model.layers.{layer}.self_attn.o_proj", self.args.o_bias)

@@ -250,16 +250,21 @@ class Transformer:
         return F.linear(self._norm(h, "model.norm.weight"), self.lm_head).float()
 
     def _attention(self, layer: int, x: torch.Tensor, segments: list[Segment], ropes: list) -> torch.Tensor:
-        """Attention of every segment over its own cache and positions; x [T, H] -> [T, H]."""
+        """Attention of every segment over its own cache and positions; x [T, H] -> [T, H]. The projections run
+        once over all tokens; RoPE, the cache and the attention itself per segment."""
+        attention = self.attention
+        projected = attention.project(layer, x)
         if len(segments) == 1:
-            return self.attention(layer, x, segments[0].start, ropes[0], segments[0].cache)
-        bounds = _offsets(segments)
-        return torch.cat(
-            [
-                self.attention(layer, x[lo:hi], s.start, rope, s.cache)
-                for s, rope, lo, hi in zip(segments, ropes, bounds, bounds[1:])
-            ]
-        )
+            out = attention.attend(layer, projected, segments[0].start, ropes[0], segments[0].cache)
+        else:
+            bounds = _offsets(segments)
+            out = torch.cat(
+                [
+                    attention.attend(layer, tuple(t[lo:hi] for t in projected), s.start, rope, s.cache)
+                    for s, rope, lo, hi in zip(segments, ropes, bounds, bounds[1:])
+                ]
+            )
+        return attention.output(layer, out)
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self.w[name], self.args.rms_eps)
