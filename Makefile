@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/zipmoe bench codecs
 	$(BIN)/zipmoe bench pack
 	$(BIN)/zipmoe bench run
+	$(BIN)/zipmoe bench serve
 	$(BIN)/zipmoe bench slices --plot docs/slices-ppl-vs-tpot.png
 
 clean:
