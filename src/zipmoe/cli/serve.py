@@ -132,6 +132,8 @@ def command(
 
 def _serve(path, options, server_options, sock, *, container: str, access_log: bool, quiet: bool) -> None:
     """Load the engine and run uvicorn on ``sock`` until interrupted (Ctrl-C, SIGTERM); then close the engine."""
+    import signal
+
     import uvicorn
 
     from zipmoe.runtime.engine import Engine
@@ -151,7 +153,12 @@ def _serve(path, options, server_options, sock, *, container: str, access_log: b
             app, log_level="warning" if quiet else "info", access_log=access_log, timeout_graceful_shutdown=5,
             lifespan="on",
         )  # fmt: skip
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        # uvicorn raises again the Ctrl-C that stopped it, but asyncio.run drops it when the server's task ends
+        # before the cancellation lands: exit as Ctrl-C always does (130) either way.
+        if signal.SIGINT in getattr(server, "_captured_signals", ()):
+            raise KeyboardInterrupt
 
 
 def _check_body_size(value: str) -> str:
