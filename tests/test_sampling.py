@@ -307,3 +307,12 @@ def test_bad_sampling_flags_are_one_line_errors_before_the_model_loads(capsys, m
         prompt = ["Hello"] if command == "run" else []
         code, _, err = run_cli(capsys, command, "no-such.zmoe", *prompt, *args)
         assert_one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-308, 5e-324])
+def test_a_vanishing_temperature_samples_the_most_likely_token(temperature):
+    """Logits divided by a temperature below ~1e-38 overflow float32; the draw is still the limit, the argmax (a NaN
+    distribution used to fail the generation)."""
+    logits = random_logits(1)
+    sampler = Sampler(SamplingOptions(temperature=temperature, top_p=0.9, min_p=0.1), [1, 2])
+    assert sampler.next(logits) == int(torch.argmax(logits))

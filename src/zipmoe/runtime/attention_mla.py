@@ -52,6 +52,7 @@ class LatentAttention:
         self.args, self.w, self.mla = args, weights, args.mla
         self.rotary = Rotary(args.rope, self.mla.qk_rope_head_dim, self.mla.rope_layout, device)
         self.scale = args.rope.softmax_scale(self.mla.qk_head_dim)
+        self._float_kv_b: dict[int, torch.Tensor] = {}  # float32 kv_b_proj weights, for BF16 on CPUs (`_expand`)
 
     def new_cache(self, max_len: int, device: torch.device, dtype: torch.dtype) -> LatentCache:
         return LatentCache(self.args, max_len, device, dtype)
@@ -83,8 +84,7 @@ class LatentAttention:
         self, layer: int, projected: tuple[torch.Tensor, ...], start: int, rope, cache: LatentCache
     ) -> torch.Tensor:
         """One sequence's attention from its `project` rows (positions ``start..``), filling its cache: [T, N*Dv]."""
-        a, m, w = self.args, self.mla, self.w
-        p = f"model.layers.{layer}.self_attn."
+        a, m = self.args, self.mla
         q_nope, q_rope, latent, k_rope = projected
         t, n = latent.shape[0], a.n_heads
         q_rope = self.rotary.apply(q_rope, rope)  # [T, N, R]
@@ -92,12 +92,27 @@ class LatentAttention:
         end = start + t
         cache.latent[layer, start:end] = latent
         cache.rope_key[layer, start:end] = k_rope[:, 0]
-        kv = linear(w, cache.latent[layer, :end], p + "kv_b_proj").view(end, n, m.qk_nope_head_dim + m.v_head_dim)
+        kv = self._expand(layer, cache.latent[layer, :end]).view(end, n, m.qk_nope_head_dim + m.v_head_dim)
         k_nope, values = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [S, N, P], [S, N, Dv]
-        k_shared = cache.rope_key[layer, :end, None].expand(end, n, m.qk_rope_head_dim)
+        k_shared = cache.rope_key[layer, :end, None].expand(end, n, m.qk_rope_head_dim).to(kv.dtype)
         keys = torch.cat((k_nope, k_shared), dim=-1)  # [S, N, P + R]
         query = torch.cat((q_nope, q_rope), dim=-1)  # [T, N, P + R]
         return causal_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), self.scale, start)
+
+    def _expand(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Keys (non-rotary part) and values of every cached token from its latent [S, C]: [S, N*(P+Dv)].
+
+        In float32 for BF16 on a CPU, with a float32 copy of the weight made once: oneDNN compiles and caches a BF16
+        kernel for every new number of rows, and the rows grow by one each token (~1 GB of cached kernels over a
+        long generation; float32 keeps no such cache). `causal_attention` computes in float32 there anyway.
+        """
+        name = f"model.layers.{layer}.self_attn.kv_b_proj"
+        if latent.device.type != "cpu" or latent.dtype != torch.bfloat16:
+            return linear(self.w, latent, name)
+        weight = self._float_kv_b.get(layer)
+        if weight is None:
+            weight = self._float_kv_b[layer] = self.w[name + ".weight"].float()
+        return torch.nn.functional.linear(latent.float(), weight)
 
     def output(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """The output projection of `attend` rows [T, N*Dv] -> [T, H] (row by row: batched like `project`)."""

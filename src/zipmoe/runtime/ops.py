@@ -33,6 +33,11 @@ def causal_attention(
     ``window`` positions when one is given); q [N, T, Dq], keys [N, S, Dq], values [N, S, Dv] -> [T, N*Dv]."""
     n, t = q.shape[:2]
     end = keys.shape[1]
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype == torch.bfloat16:
+        # oneDNN compiles and caches a kernel for every new BF16 shape, and the key length grows each token: up to
+        # ~1 GB of cached kernels over a long generation (float32 matmuls keep no such cache); and float32 scores are more precise
+        q, keys, values = q.float(), keys.float(), values.float()
     scores = torch.matmul(q, keys.transpose(1, 2)) * scale  # [N, T, S]
     query_pos = torch.arange(start, start + t, device=q.device)[:, None]
     key_pos = torch.arange(end, device=q.device)[None, :]
@@ -41,4 +46,5 @@ def causal_attention(
         masked |= key_pos <= query_pos - window
     scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, values).transpose(0, 1).reshape(t, n * values.shape[-1])  # [T, N*Dv]
+    out = torch.matmul(probs, values).transpose(0, 1).reshape(t, n * values.shape[-1])  # [T, N*Dv]
+    return out.to(dtype)

@@ -128,8 +128,11 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def warp(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """The logits a sampled token is drawn from: ``temperature``, then ``top_k``, ``top_p``, ``min_p`` (transformers'
     order). Needs ``temperature`` > 0."""
-    logits = logits / options.temperature
-    logits = top_k_filter(logits, options.top_k)
+    scaled = logits / options.temperature
+    if not torch.isfinite(scaled[torch.isfinite(logits)]).all():  # a temperature so small (< ~1e-38) that the scale
+        # overflows float32: its limit, the most likely token(s), which every filter below keeps
+        scaled = torch.full_like(logits, -float("inf")).masked_fill(logits == logits.max(), 0.0)
+    logits = top_k_filter(scaled, options.top_k)
     logits = top_p_filter(logits, options.top_p)
     return min_p_filter(logits, options.min_p)
 

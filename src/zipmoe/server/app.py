@@ -233,7 +233,7 @@ class Server:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != self.options.model_name:
-            raise APIError(f"The model '{name}' does not exist", status=404, param="model", code="model_not_found")
+            raise APIError(f"The model {name!r} does not exist", status=404, param="model", code="model_not_found")
         return JSONResponse(self._model_card())
 
     async def completions(self, request: Request) -> Response:
@@ -452,9 +452,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", "") or ""
     if status == 404:
-        message = f"Not found: {request.method} {request.url.path}"
+        message = f"Not found: {request.method} {request.url.path!r}"
     elif status == 405:
-        message = f"Method {request.method} is not allowed for {request.url.path}"
+        message = f"Method {request.method} is not allowed for {request.url.path!r}"
     else:
         message = str(detail)
     headers = getattr(exc, "headers", None)
