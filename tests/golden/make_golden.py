@@ -66,14 +66,19 @@ def write_source(root: Path) -> None:
     config = {"model_type": "mixtral", "num_local_experts": 2, "num_hidden_layers": 2, "hidden_size": 32}
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (root / "tokenizer_config.json").write_text('{"bos_token": "<s>"}\n')
+    write_safetensors(root / "model.safetensors", source_tensors())
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file of ``{name: (dtype, shape, raw bytes)}`` in that order, header padded to 8 bytes."""
     header, data = {}, bytearray()
-    for name, (dtype, shape, raw) in source_tensors().items():
+    for name, (dtype, shape, raw) in tensors.items():
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data))
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data))
 
 
 def main() -> int:

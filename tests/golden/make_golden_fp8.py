@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -24,6 +23,9 @@ from zipmoe.codecs.coders import RansCoder
 from zipmoe.codecs.fp8_blocks import quantize_blocks
 from zipmoe.formats.reader import Container
 from zipmoe.pack import PackOptions, pack
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_golden import write_safetensors  # noqa: E402  (the writer of the versioned fixtures)
 
 HERE = Path(__file__).parent / "fp8"
 CHUNK_VALUES = 1024  # several chunks per tensor, with tails
@@ -79,14 +81,7 @@ def write_source(root: Path) -> None:
         },
     }
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    header, data = {}, bytearray()
-    for name, (dtype, shape, raw) in source_tensors().items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(data))
+    write_safetensors(root / "model.safetensors", source_tensors())
 
 
 def main() -> int:
