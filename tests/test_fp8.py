@@ -608,16 +608,25 @@ def test_mutated_fp8_manifest_is_read_or_refused(golden_fp8, tmp_path_factory, c
 
 
 def test_fp8_bench_command_line(tmp_path, capsys):
-    from zipmoe.bench.fp8 import main
-
-    assert main([str(tmp_path / "missing")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("Error: ")
+    """`zipmoe bench codecs --fp8`: the report as JSON; missing or unusable checkpoints are one-line errors."""
+    code, _, err = run_cli(capsys, "bench", "codecs", str(tmp_path / "missing"), "--fp8")
+    assert_one_line_error(code, err, "missing")
     root = tmp_path / "ints"
     root.mkdir()
     write_safetensors(root / "model.safetensors", {"ids": ("I64", [2, 2], bytes(32))})
-    assert main([str(root)]) == 1
-    assert "no finite BF16, F32 or F16 weight matrices" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "bench", "codecs", str(root), "--fp8", "-q")
+    assert_one_line_error(code, err, "no finite BF16, F32 or F16 weight matrices")
+    rng = np.random.default_rng(1)
+    root = tmp_path / "f32"
+    root.mkdir()
+    weight = (rng.standard_normal((128, 256)) * 0.05).astype("<f4").tobytes()
+    write_safetensors(root / "model.safetensors", {"w.weight": ("F32", [128, 256], weight)})
+    code, out, err = run_cli(capsys, "bench", "codecs", str(root), "--fp8", "--coders", "rans,none", "--repeat", "1",
+                             "-t", "1", "--json", "-q")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["n_tensors"] == 1 and report["source_bytes"] == 128 * 256
+    assert any(row["method"] == "fp8-split/rans" for row in report["rows"])
 
 
 # -- serving FP8 checkpoints ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """FP8 codec benchmark: lossless storage of weights block-quantized to FP8 E4M3 as DeepSeek-V3's are.
 
-    python -m zipmoe.bench.fp8 CHECKPOINT [--max-bytes N] [--repeat N] [--threads N] [--json]
+    zipmoe bench codecs CHECKPOINT --fp8 [--max-mb N] [--coders rans,zstd:3] [--repeat N] [-t N] [--json]
 
 The weights are a checkpoint's trained weight matrices (those `zipmoe bench codecs` measures: BF16 ones, or F32/F16
 ones rounded to BF16 when it has none), each quantized with a float32 scale per 128x128 block
@@ -14,9 +14,6 @@ times (`zipmoe.bench.codecs.time_methods`).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +28,7 @@ from zipmoe.codecs.fp8 import exponent_histogram
 from zipmoe.codecs.fp8_blocks import quantize_blocks
 from zipmoe.codecs.parts import DEFAULT_CHUNK_VALUES, Fp8Split, PartView, Raw, decode_parts, encode_parts, pad8
 from zipmoe.errors import CheckpointError, ZipmoeError
-from zipmoe.formats.checkpoint import Checkpoint, open_checkpoint
+from zipmoe.formats.checkpoint import Checkpoint
 
 
 @dataclass
@@ -199,27 +196,3 @@ def render(report: Fp8Report) -> str:
     lines.append("")
     lines.append("GB/s of FP8 bytes; zipmoe rows decode with checksum verification unless they say otherwise.")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m zipmoe.bench.fp8 CHECKPOINT``."""
-    parser = argparse.ArgumentParser(prog="python -m zipmoe.bench.fp8", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="checkpoint directory with trained weights (e.g. all-MiniLM-L6-v2)")
-    parser.add_argument("--max-bytes", type=int, default=64 << 20, help="FP8 bytes to measure at most")
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; the best is kept")
-    parser.add_argument("-t", "--threads", type=int, default=None, help="the 'all threads' count")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    try:
-        report = run_fp8_bench(
-            open_checkpoint(args.checkpoint), max_bytes=args.max_bytes, threads=args.threads, repeat=args.repeat
-        )
-    except ZipmoeError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(report.to_json(), indent=2) if args.json else render(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

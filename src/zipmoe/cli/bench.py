@@ -60,6 +60,8 @@ def _resolve(checkpoint: str | None) -> str:
   zipmoe bench codecs ./Qwen1.5-MoE-A2.7B --max-mb 512 --coders rans,zstd:3 -t 8
 
   zipmoe bench codecs ./all-MiniLM-L6-v2 --cast-bf16 --json   # trained weights, stored in F32
+
+  zipmoe bench codecs ./all-MiniLM-L6-v2 --fp8 --coders rans,zstd:3   # the same, block-quantized to FP8
 """,
 )
 def codecs(
@@ -77,10 +79,19 @@ def codecs(
             "--cast-bf16", help="Measure F32/F16 weight matrices rounded to BF16 (real models stored in F32)."
         ),
     ] = False,
+    fp8: Annotated[
+        bool,
+        typer.Option(
+            "--fp8",
+            help="Measure the weight matrices block-quantized to FP8 E4M3 as DeepSeek-V3's are: fp8-split with "
+            "each coder vs the 4-bit exponent's entropy bound, zstd and the raw encoding.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compression ratio and encode/decode GB/s of every exponent coder vs the entropy bound, zstd and zipnn."""
+    """Compression ratio and encode/decode GB/s of every exponent coder vs the entropy bound, zstd and zipnn
+    (with --fp8: on FP8 weights)."""
     from zipmoe.formats.checkpoint import check_source, open_checkpoint
 
     source = _resolve(checkpoint)
@@ -94,6 +105,20 @@ def codecs(
         raise typer.BadParameter(
             f"expected comma-separated integers, got {chunks!r}", param_hint="--chunk-values"
         ) from None
+    on_row = None if quiet else (lambda s: stderr.print(f"measuring {s}"))
+    if fp8:
+        from zipmoe.bench.fp8 import render, run_fp8_bench
+
+        report = run_fp8_bench(
+            open_checkpoint(source), max_bytes=max_mb * 1_000_000,
+            coders=tuple(c.strip() for c in coders.split(",") if c.strip() and c.strip() != "none"),
+            threads=threads, repeat=repeat, on_row=on_row,
+        )  # fmt: skip
+        if json_output:
+            print_json(report.to_json())
+        else:
+            print(render(report))
+        return
     report = run_codec_bench(
         open_checkpoint(source),
         max_bytes=max_mb * 1_000_000,
@@ -102,7 +127,7 @@ def codecs(
         threads=threads,
         repeat=repeat,
         cast_bf16=cast_bf16,
-        on_row=None if quiet else (lambda s: stderr.print(f"measuring {s}")),
+        on_row=on_row,
     )
     if json_output:
         print_json(report.to_json())
