@@ -22,7 +22,7 @@ from zipmoe.quant.spec import DEFAULT_GROUP_SIZE, SliceSpec
 from zipmoe.runtime.batching import BatchScheduler
 from zipmoe.runtime.config import ModelArgs, read_token_ids
 from zipmoe.runtime.fp8 import scale_block
-from zipmoe.runtime.generate import FINISH_STOP, GenerationResult, SamplingOptions, generate
+from zipmoe.runtime.generate import GenerationResult, SamplingOptions, generate
 from zipmoe.runtime.model import Transformer
 from zipmoe.runtime.pipeline import SCHEDULES, BudgetError, ExpertPipeline, PipelineStats
 from zipmoe.runtime.policies import DEFAULT_THRESHOLD, POLICIES, WARMUPS, PlannedLFU, SlicePolicy
@@ -478,11 +478,8 @@ class Engine:
                 on_text(piece)
             return stopped
 
-        result = self.generate_tokens(ids, sampling, emit)
-        if matcher.stopped:  # a loop that went on past the stop: its tokens are not this generation's
-            del result.tokens[matcher.tokens :], result.step_seconds[max(matcher.tokens - 1, 0) :]
-            result.finish_reason = FINISH_STOP
-        else:
+        result = self.generate_tokens(ids, sampling, emit)  # ends at the stop, finish_reason "stop"
+        if not matcher.stopped:
             tail = matcher.flush()
             pieces.append(tail)
             if on_text is not None and tail:
